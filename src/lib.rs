@@ -9,6 +9,7 @@ pub mod envfile;
 pub mod fsutil;
 pub mod host;
 pub mod launch;
+pub mod lockfile;
 pub mod paths;
 pub mod profile;
 pub mod rootfs;
