@@ -1,9 +1,531 @@
-//! `chvkit rootfs` (placeholder while being built).
+//! `chvkit rootfs`: a Dockerfile or an OCI image → a bootable raw ext4 image with a generated
+//! `/init`.
+//!
+//! Stages: build (buildah) or import, export to an OCI layout, `umoci unpack`, prepare the tree
+//! (/init, busybox, placeholders), pack (fast `mkfs.ext4 -d`, then metadata_csum), verify, and an
+//! atomic rename onto OUT. The output's temp file is created next to OUT first, so a read-only
+//! or full destination fails before any work, and OUT is never half-written. Scratch space lives
+//! in a temp dir removed on success, failure and Ctrl-C.
+
+pub mod cache;
+pub mod envdisk;
+pub mod ext4;
+pub mod init;
+pub mod oci;
+pub mod proc;
+pub mod tree;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+
 use crate::Context;
 
-#[derive(Debug, clap::Args)]
-pub struct RootfsArgs {}
+/// Host busybox-static injected into every image.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
 
-pub fn run(_ctx: &Context, _a: RootfsArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("rootfs: not built yet")
+#[derive(Debug, clap::Args)]
+pub struct RootfsArgs {
+    /// Build context directory, or a Dockerfile (its directory is the context).
+    #[arg(value_name = "CONTEXT_OR_DOCKERFILE", required_unless_present = "image", conflicts_with = "image")]
+    pub input: Option<PathBuf>,
+
+    /// Where to write the raw ext4 image.
+    #[arg(short, long, value_name = "OUT.raw")]
+    pub output: PathBuf,
+
+    /// Start from an existing image instead of building: a local image (buildah/podman storage),
+    /// an OCI layout `oci:DIR:TAG`, or an image archive file (oci-archive or docker-archive).
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+
+    /// Dockerfile inside the context (default: CONTEXT/Dockerfile or Containerfile).
+    #[arg(short = 'f', long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Build argument for the Dockerfile (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub build_arg: Vec<String>,
+
+    /// When to pull base images; `never` for offline builds.
+    #[arg(long, value_enum, default_value = "missing")]
+    pub pull: oci::PullPolicy,
+
+    /// buildah storage driver.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub storage_driver: oci::StorageDriver,
+
+    /// Image size (e.g. 512M, 2G); default: the tree's apparent size plus headroom.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Free space to leave: a percentage of the tree (`25%`) or a size (`256M`).
+    /// Default: 20% and at least 64M.
+    #[arg(long, value_name = "PCT|SIZE", value_parser = parse_headroom)]
+    pub headroom: Option<ext4::Headroom>,
+
+    /// Reproducible output: fixed UUID, hash seed and timestamps.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
+    pub source_date_epoch: Option<i64>,
+
+    /// Rebuild everything: no buildah layer cache, no rootfs cache lookup.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `512M`, `2G`, `1048576` (bytes), `64K`; binary units.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M or 2G"))?;
+    n.checked_mul(mul)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("`{s}`: size out of range"))
+}
+
+pub fn parse_headroom(s: &str) -> Result<ext4::Headroom, String> {
+    if let Some(p) = s.trim().strip_suffix('%') {
+        let v: u32 = p
+            .parse()
+            .map_err(|_| format!("`{s}` is not a percentage like 25%"))?;
+        if v > 1000 {
+            return Err(format!("`{s}`: more than 1000% headroom"));
+        }
+        return Ok(ext4::Headroom::Percent(v));
+    }
+    if s.trim() == "0" {
+        return Ok(ext4::Headroom::Bytes(0));
+    }
+    parse_size(s).map(ext4::Headroom::Bytes)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    pub name: &'static str,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub output: PathBuf,
+    pub image_digest: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub cache: &'static str,
+    pub init_shell: String,
+    pub reproducible: bool,
+    pub stages: Vec<StageTime>,
+    pub total_seconds: f64,
+}
+
+/// Per-stage progress: a spinner while it runs, one line with its duration when done.
+struct Stages {
+    times: Vec<StageTime>,
+    quiet_bars: bool,
+}
+
+impl Stages {
+    fn run<T>(
+        &mut self,
+        name: &'static str,
+        label: &str,
+        f: impl FnOnce(&indicatif::ProgressBar) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        proc::check().context("stopped")?;
+        let pb = if self.quiet_bars {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        };
+        pb.set_prefix(name);
+        pb.set_message(label.to_string());
+        let t = Instant::now();
+        let r = f(&pb);
+        let secs = t.elapsed().as_secs_f64();
+        pb.finish_and_clear();
+        match &r {
+            Ok(_) => {
+                eprintln!("  {name:<8} {secs:>7.2}s  {label}");
+                self.times.push(StageTime { name, seconds: secs });
+            }
+            Err(_) => eprintln!("  {name:<8} failed after {secs:.2}s"),
+        }
+        r
+    }
+}
+
+enum Source {
+    Dockerfile {
+        context: PathBuf,
+        dockerfile: Option<PathBuf>,
+    },
+    Local(String),
+    Layout { dir: PathBuf, tag: String },
+    Archive(PathBuf),
+}
+
+fn classify(a: &RootfsArgs) -> anyhow::Result<Source> {
+    if let Some(r) = &a.image {
+        if let Some(rest) = r.strip_prefix("oci:") {
+            let (dir, tag) = match rest.rsplit_once(':') {
+                Some((d, t)) if !t.contains('/') => (d, t),
+                _ => (rest, "latest"),
+            };
+            let dir = PathBuf::from(dir);
+            if !dir.join("index.json").is_file() {
+                bail!("--image {r}: {} is not an OCI layout (no index.json)", dir.display());
+            }
+            return Ok(Source::Layout {
+                dir,
+                tag: tag.to_string(),
+            });
+        }
+        for prefix in ["oci-archive:", "docker-archive:"] {
+            if let Some(p) = r.strip_prefix(prefix) {
+                return Ok(Source::Archive(PathBuf::from(p)));
+            }
+        }
+        let p = Path::new(r);
+        if p.is_file() {
+            return Ok(Source::Archive(p.to_path_buf()));
+        }
+        return Ok(Source::Local(r.clone()));
+    }
+    let Some(input) = &a.input else {
+        bail!("give a build context or Dockerfile, or --image REF");
+    };
+    let md = std::fs::metadata(input)
+        .with_context(|| format!("build context {}", input.display()))?;
+    if md.is_dir() {
+        Ok(Source::Dockerfile {
+            context: input.clone(),
+            dockerfile: a.file.clone(),
+        })
+    } else {
+        let ctx = input
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Ok(Source::Dockerfile {
+            context: ctx,
+            dockerfile: Some(input.clone()),
+        })
+    }
+}
+
+fn file_sha256(p: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).with_context(|| format!("read {}", p.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        proc::check()?;
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+const TAG: &str = "chvkit";
+
+/// Everything `run` does, returning the summary.
+pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let source = classify(a)?;
+    // Fail on a read-only or missing destination before any work; this temp file becomes OUT.
+    let mut out = crate::fsutil::AtomicFile::create(&a.output, 0o644)
+        .with_context(|| format!("cannot write the output {}", a.output.display()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("chvkit-rootfs-")
+        .tempdir()
+        .context("cannot create scratch space in the temp dir ($TMPDIR)")?;
+    let driver = a.storage_driver.resolve();
+    let busybox = Path::new(HOST_BUSYBOX);
+    let mut st = Stages {
+        times: Vec::new(),
+        quiet_bars: a.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let layout = scratch.path().join("oci");
+
+    // 1. Build or identify the image; its digest is the cache key's core.
+    let (digest, layout_dir, tag) = match &source {
+        Source::Dockerfile {
+            context,
+            dockerfile,
+        } => {
+            let iid = scratch.path().join("iid");
+            let id = st.run("build", &format!("buildah bud {}", context.display()), |pb| {
+                let o = oci::BuildOpts {
+                    context,
+                    dockerfile: dockerfile.as_deref(),
+                    build_args: &a.build_arg,
+                    pull: a.pull,
+                    driver,
+                    no_cache: a.no_cache,
+                    epoch: a.source_date_epoch,
+                    iidfile: &iid,
+                };
+                Ok(oci::build(&o, |l| {
+                    if l.starts_with("STEP") || l.starts_with("-->") {
+                        pb.set_message(l.to_string());
+                    }
+                })?)
+            })?;
+            (id, None, TAG.to_string())
+        }
+        Source::Local(r) => {
+            let id = st.run("inspect", r, |_| {
+                oci::local_image_id(r, driver)?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--image {r}: no such image in local storage (storage driver {driver}); \
+                         `buildah images` lists them"
+                    )
+                })
+            })?;
+            (id, None, TAG.to_string())
+        }
+        Source::Layout { dir, tag } => {
+            let d = st.run("inspect", &dir.display().to_string(), |_| {
+                Ok(oci::layout_digest(dir, tag)?)
+            })?;
+            (d, Some(dir.clone()), tag.clone())
+        }
+        Source::Archive(p) => {
+            let d = st.run("inspect", &p.display().to_string(), |_| file_sha256(p))?;
+            (d, None, TAG.to_string())
+        }
+    };
+
+    let headroom = a.headroom;
+    let busybox_id = file_sha256(busybox).unwrap_or_else(|_| "missing".into());
+    let key = cache::key(&serde_json::json!({
+        "generator": init::GENERATOR_VERSION,
+        "digest": digest,
+        "busybox": busybox_id,
+        "features": ext4::PORTABLE_FEATURES,
+        "size": a.size,
+        "headroom": format!("{headroom:?}"),
+        "epoch": a.source_date_epoch,
+        "chvkit": env!("CARGO_PKG_VERSION"),
+    }));
+    let cache = cache::Cache::new(ctx.root.path(&ctx.profile.paths.state_dir.0).join("rootfs-cache"));
+
+    if !a.no_cache {
+        if let Some((raw, entry)) = cache.lookup(&key) {
+            st.run("cache", "unchanged image: reusing the cached rootfs", |_| {
+                cache::copy_sparse(&raw, out.file()).context("copy the cached image")?;
+                Ok(())
+            })?;
+            cache.touch(&key);
+            out.commit()
+                .with_context(|| format!("cannot write the output {}", a.output.display()))?;
+            return Ok(Summary {
+                output: a.output.clone(),
+                image_digest: digest,
+                size_bytes: entry.size_bytes,
+                allocated_bytes: allocated(&a.output),
+                cache: "hit",
+                init_shell: entry.init_shell,
+                reproducible: a.source_date_epoch.is_some(),
+                stages: st.times,
+                total_seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+
+    // 2. Export to an OCI layout.
+    let layout_dir = match (&source, layout_dir) {
+        (_, Some(d)) => d,
+        (Source::Archive(p), None) => {
+            st.run("export", "skopeo copy to an OCI layout", |_| {
+                Ok(oci::import_archive(p, &layout, TAG)?)
+            })?;
+            layout.clone()
+        }
+        (_, None) => {
+            st.run("export", "buildah push to an OCI layout", |_| {
+                Ok(oci::push(&digest, driver, &layout, TAG)?)
+            })?;
+            layout.clone()
+        }
+    };
+
+    // 3. Unpack.
+    let bundle = scratch.path().join("bundle");
+    st.run("unpack", "umoci unpack", |_| {
+        Ok(oci::unpack(&layout_dir, &tag, &bundle)?)
+    })?;
+    let root = bundle.join("rootfs");
+
+    // 4. /init and friends.
+    let prepared = st.run("init", "generate /init, inject busybox", |_| {
+        let w = oci::read_runtime_config(&bundle)?;
+        let p = tree::prepare(&root, w, busybox)?;
+        if let Some(t) = a.source_date_epoch {
+            tree::stamp(&root, t);
+        }
+        Ok(p)
+    })?;
+    let init_shell = match prepared.shell {
+        init::InitShell::Image => "/bin/sh".to_string(),
+        init::InitShell::Busybox => format!("{} sh", init::BUSYBOX_PATH),
+    };
+
+    // 5. Pack.
+    let usage = ext4::tree_usage(&root)?;
+    let (planned, inodes) = ext4::plan_size(
+        usage,
+        headroom.unwrap_or(ext4::Headroom::Percent(20)),
+    );
+    let planned = if headroom.is_none() {
+        // Default headroom is 20% but at least 64 MiB.
+        planned.max(ext4::plan_size(usage, ext4::Headroom::Bytes(64 << 20)).0)
+    } else {
+        planned
+    };
+    let size = a.size.unwrap_or(planned);
+    if a.size.is_some() && size < usage.bytes {
+        bail!(
+            "--size {} is smaller than the tree ({} bytes of files): give at least {}M",
+            size,
+            usage.bytes,
+            planned.div_ceil(1 << 20)
+        );
+    }
+    let tmp_img = out.tmp_path().to_path_buf();
+    st.run(
+        "pack",
+        &format!("mkfs.ext4 -d, {} MiB, {} inodes", size >> 20, inodes),
+        |_| {
+            out.file()
+                .set_len(size)
+                .with_context(|| format!("size {}", tmp_img.display()))?;
+            let o = ext4::PackOpts {
+                size_bytes: size,
+                inodes,
+                epoch: a.source_date_epoch,
+                seed: key.clone(),
+                label: None,
+            };
+            ext4::pack(&root, &tmp_img, &o).map_err(|e| match e {
+                ext4::Ext4Error::NoSpace(m) => anyhow::anyhow!(
+                    "no space left for the image next to {}: {m}",
+                    a.output.display()
+                ),
+                e => e.into(),
+            })
+        },
+    )?;
+    st.run("verify", "e2fsck -fn", |_| Ok(ext4::verify(&tmp_img)?))?;
+    drop(scratch);
+
+    // 6. Cache, then rename into place.
+    let entry = cache::Entry {
+        key: key.clone(),
+        image_digest: digest.clone(),
+        size_bytes: size,
+        init_shell: init_shell.clone(),
+    };
+    st.run("cache", "store a copy in the rootfs cache", |_| {
+        if let Err(e) = cache.store(&tmp_img, &entry) {
+            // A cache that cannot be written costs speed, not correctness.
+            tracing::warn!("rootfs cache not updated: {e}");
+        }
+        Ok(())
+    })?;
+    proc::check().context("stopped")?;
+    out.commit()
+        .with_context(|| format!("cannot write the output {}", a.output.display()))?;
+    Ok(Summary {
+        output: a.output.clone(),
+        image_digest: digest,
+        size_bytes: size,
+        allocated_bytes: allocated(&a.output),
+        cache: if a.no_cache { "disabled" } else { "miss" },
+        init_shell,
+        reproducible: a.source_date_epoch.is_some(),
+        stages: st.times,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+pub fn run(ctx: &Context, a: RootfsArgs) -> anyhow::Result<i32> {
+    proc::install_handlers();
+    match build(ctx, &a) {
+        Ok(s) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                eprintln!(
+                    "wrote {} ({} MiB, {} MiB allocated, cache {}) in {:.2}s",
+                    s.output.display(),
+                    s.size_bytes >> 20,
+                    s.allocated_bytes >> 20,
+                    s.cache,
+                    s.total_seconds
+                );
+            }
+            Ok(crate::exit::OK)
+        }
+        Err(e) => {
+            if let Some(sig) = proc::interrupted() {
+                eprintln!("chvkit: rootfs interrupted; scratch space and partial output removed");
+                return Ok(128 + sig);
+            }
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_headroom() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").unwrap_err().contains("12Q"));
+        assert!(parse_size("x").is_err());
+        assert_eq!(parse_headroom("25%"), Ok(ext4::Headroom::Percent(25)));
+        assert_eq!(parse_headroom("64M"), Ok(ext4::Headroom::Bytes(64 << 20)));
+        assert!(parse_headroom("abc%").is_err());
+    }
 }

@@ -21,7 +21,11 @@ pub fn skip(test: &str, reason: &str) {
     let line = format!("skipped: {test}: {reason}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
     if let Ok(p) = std::env::var("CHVKIT_SKIP_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
             let _ = f.write_all(line.as_bytes());
         }
     }
@@ -45,7 +49,10 @@ pub fn require(test: &str, root: bool, tools: &[&str]) -> bool {
     }
     for t in tools {
         if !have_tool(t) {
-            skip(test, &format!("`{t}` is not installed (make test-deps installs it)"));
+            skip(
+                test,
+                &format!("`{t}` is not installed (make test-deps installs it)"),
+            );
             return false;
         }
     }
@@ -132,7 +139,9 @@ impl Drop for NetNs {
                     let _ = Command::new("kill").args(["-9", pid]).status();
                 }
             });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

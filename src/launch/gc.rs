@@ -1,0 +1,220 @@
+//! `chvkit gc`: remove what dead jobs left — a VMM still running without its supervisor, the
+//! persistent TAP, the API socket, the per-job disk (unless kept), the run dir, the lock file.
+//!
+//! A job is dead when nobody holds its lock (see rundir.rs); gc takes the lock itself while it
+//! collects, so a launch of the same id waits instead of racing it.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::disk::BaseSource;
+use super::identity::{self, Identity};
+use super::rundir::{self, JobLock, JobPaths, JobState};
+use super::{tap, GcArgs};
+use crate::Context;
+
+/// Collect one dead job (the caller holds or has just taken its lock). Returns what was done.
+pub fn collect_job(ctx: &Context, paths: &JobPaths, dry_run: bool) -> Result<Vec<String>, String> {
+    let mut done = Vec::new();
+    let verb = |what: String| {
+        if dry_run {
+            format!("would {what}")
+        } else {
+            what
+        }
+    };
+    let state = JobState::load(&paths.state).ok();
+    if let Some(st) = &state {
+        if let Some(pid) = st.vmm_pid {
+            if rundir::same_process_alive(pid, st.vmm_start_ticks) {
+                done.push(verb(format!("kill VMM pid {pid} (its supervisor is gone)")));
+                if !dry_run {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    while rundir::same_process_alive(pid, st.vmm_start_ticks)
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+    }
+    let tap_name = match &state {
+        Some(st) => Some(st.tap.clone()),
+        None => Identity::derive(
+            &paths.job_id,
+            ctx.profile.network.prefix,
+            ctx.profile.network.gateway,
+        )
+        .ok()
+        .map(|i| i.tap),
+    };
+    if let Some(t) = tap_name.filter(|t| t.starts_with(identity::TAP_PREFIX)) {
+        if tap::status(&t).map_err(|e| e.to_string())?.is_some() {
+            let holders = tap::holders(&t);
+            if holders.is_empty() {
+                done.push(verb(format!("delete TAP {t}")));
+                if !dry_run {
+                    tap::delete(&t).map_err(|e| e.to_string())?;
+                }
+            } else {
+                let who: Vec<String> = holders
+                    .iter()
+                    .map(|(p, c)| format!("pid {p} ({c})"))
+                    .collect();
+                return Err(format!(
+                    "TAP {t} of dead job {} is held by {}: left alone",
+                    paths.job_id,
+                    who.join(", ")
+                ));
+            }
+        }
+    }
+    if let Some(st) = &state {
+        let handed_over =
+            st.disk_handed_over || paths.dir.join(super::vm::HANDOVER_MARKER).exists();
+        if !st.keep_disk && !handed_over {
+            let mut files = Vec::new();
+            if let Some(d) = &st.disk {
+                files.push(d.path.clone());
+            }
+            if let Some(stem) = &st.disk_stem {
+                files.push(stem.with_extension("qcow2"));
+                files.push(stem.with_extension("raw"));
+            }
+            files.dedup();
+            for f in files.iter().filter(|f| f.exists()) {
+                done.push(verb(format!("remove disk {}", f.display())));
+                if !dry_run {
+                    remove_file(f)?;
+                }
+            }
+        }
+    }
+    if paths.socket.exists() {
+        done.push(verb(format!("remove socket {}", paths.socket.display())));
+        if !dry_run {
+            remove_file(&paths.socket)?;
+        }
+    }
+    if paths.dir.exists() {
+        done.push(verb(format!("remove run dir {}", paths.dir.display())));
+        if !dry_run {
+            fs::remove_dir_all(&paths.dir).map_err(|e| format!("{}: {e}", paths.dir.display()))?;
+        }
+    }
+    Ok(done)
+}
+
+fn remove_file(p: &Path) -> Result<(), String> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(format!("{}: {e}", p.display())),
+        _ => Ok(()),
+    }
+}
+
+pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
+    let mut failures = 0;
+    let mut live = 0;
+    let mut collected = 0;
+    for id in rundir::list_jobs(ctx) {
+        let paths = JobPaths::new(ctx, &id, None);
+        let lock = match JobLock::try_acquire(&paths.lock) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                live += 1;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("chvkit gc: {id}: lock {}: {e}", paths.lock.display());
+                failures += 1;
+                continue;
+            }
+        };
+        match collect_job(ctx, &paths, a.dry_run) {
+            Ok(done) => {
+                for d in &done {
+                    println!("{id}: {d}");
+                }
+                collected += 1;
+                if a.dry_run {
+                    drop(lock);
+                } else {
+                    lock.release_and_remove();
+                }
+            }
+            Err(e) => {
+                eprintln!("chvkit gc: {id}: {e}");
+                failures += 1;
+            }
+        }
+    }
+    if a.bases {
+        failures += gc_bases(ctx, a.dry_run);
+    }
+    println!(
+        "gc: {collected} dead job(s) {}, {live} live job(s) left alone{}",
+        if a.dry_run { "to collect" } else { "collected" },
+        if failures > 0 {
+            format!(", {failures} problem(s)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if failures > 0 {
+        crate::exit::FAILURE
+    } else {
+        crate::exit::OK
+    })
+}
+
+/// Remove cached bases whose rootfs changed or vanished and that no job's state names.
+fn gc_bases(ctx: &Context, dry_run: bool) -> i32 {
+    let bases = JobPaths::new(ctx, "x", None).bases;
+    let in_use: Vec<_> = rundir::list_jobs(ctx)
+        .into_iter()
+        .filter_map(|id| JobState::load(&JobPaths::new(ctx, &id, None).state).ok())
+        .filter_map(|s| s.disk.and_then(|d| d.base))
+        .collect();
+    let Ok(rd) = fs::read_dir(&bases) else {
+        return 0;
+    };
+    let mut failures = 0;
+    for e in rd.flatten() {
+        let meta = e.path();
+        if meta.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let Ok(src) = fs::read(&meta)
+            .map_err(|_| ())
+            .and_then(|b| serde_json::from_slice::<BaseSource>(&b).map_err(|_| ()))
+        else {
+            continue;
+        };
+        let img = meta.with_extension("qcow2");
+        if src.still_matches() || in_use.contains(&img) {
+            continue;
+        }
+        println!(
+            "{} base {} (its rootfs {} changed or is gone)",
+            if dry_run { "would remove" } else { "remove" },
+            img.display(),
+            src.source.display()
+        );
+        if !dry_run {
+            for f in [&img, &meta] {
+                if let Err(e) = remove_file(f) {
+                    eprintln!("chvkit gc: {e}");
+                    failures += 1;
+                }
+            }
+        }
+    }
+    failures
+}

@@ -1,0 +1,956 @@
+//! `chvkit vm …`: the detached lifecycle — ls, info, pause, resume, snapshot, restore, stop,
+//! logs.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::api::{self, Client};
+use super::disk::{self, DiskKind, JobDisk};
+use super::events::ByteTail;
+use super::identity::{self, Identity, Mac};
+use super::run::{self, Failure, ForkSide, Job, JobPlan, Report, Signals, Watch};
+use super::rundir::{self, ExitInfo, JobLock, JobPaths, JobState};
+use super::{code, config, gc, vmm, LandlockMode, VmCommand};
+use crate::{exit, Context};
+
+/// Name of the marker that `vm snapshot --stop` leaves in the run dir: the per-job disk then
+/// belongs to the snapshot, and no cleanup may remove it.
+pub const HANDOVER_MARKER: &str = "disk.handed-over";
+/// chvkit's own metadata in a snapshot directory.
+pub const SNAPSHOT_META: &str = "chvkit.json";
+const SNAPSHOT_SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub schema: u32,
+    pub job_id: String,
+    pub ip: String,
+    pub gateway: String,
+    pub mac: String,
+    pub tap: String,
+    pub bridge: String,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    pub boot: String,
+    /// The job's disk, moved into the snapshot dir (`--stop`): file name inside the dir.
+    #[serde(default)]
+    pub disk_file: Option<String>,
+    #[serde(default)]
+    pub disk_kind: Option<DiskKind>,
+    #[serde(default)]
+    pub disk_base: Option<PathBuf>,
+    /// Without `--stop`: the running job's disk at snapshot time (it keeps changing).
+    #[serde(default)]
+    pub live_disk: Option<PathBuf>,
+    pub env_disk_file: String,
+    pub stopped: bool,
+    pub created_at: f64,
+    pub snapshot_ms: u64,
+}
+
+fn fail(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
+    eprintln!("chvkit: {msg}");
+    Ok(exit::FAILURE)
+}
+
+fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
+    eprintln!("chvkit: {msg}");
+    Ok(exit::USAGE)
+}
+
+struct Target {
+    paths: JobPaths,
+    state: Option<JobState>,
+    live: bool,
+}
+
+fn target(ctx: &Context, job: &str) -> Result<Target, anyhow::Result<i32>> {
+    if let Err(e) = identity::validate_job_id(job) {
+        return Err(usage(e));
+    }
+    let paths = JobPaths::new(ctx, job, None);
+    let state = JobState::load(&paths.state).ok();
+    let live = JobLock::is_held(&paths.lock);
+    if state.is_none() && !live && !paths.dir.exists() && !paths.lock.exists() {
+        return Err(fail(format!(
+            "no job {job} under {}",
+            rundir::runtime_dir(ctx).display()
+        )));
+    }
+    Ok(Target { paths, state, live })
+}
+
+fn running_target(ctx: &Context, job: &str) -> Result<(Target, Client), anyhow::Result<i32>> {
+    let t = target(ctx, job)?;
+    if !t.live {
+        let how = t
+            .state
+            .as_ref()
+            .and_then(|s| s.exit.as_ref())
+            .map(|e| {
+                format!(
+                    " (it ended: {} with code {})",
+                    e.reason.replace('_', " "),
+                    e.code
+                )
+            })
+            .unwrap_or_default();
+        return Err(fail(format!("job {job} is not running{how}")));
+    }
+    let c = Client::new(&t.paths.socket);
+    Ok((t, c))
+}
+
+pub fn run(ctx: &Context, c: VmCommand) -> anyhow::Result<i32> {
+    match c {
+        VmCommand::Ls { json } => ls(ctx, json),
+        VmCommand::Info { job, json } => info(ctx, &job, json),
+        VmCommand::Pause { job } => simple(ctx, &job, "paused", Client::pause),
+        VmCommand::Resume { job } => simple(ctx, &job, "resumed", Client::resume),
+        VmCommand::Snapshot { job, dir, stop } => snapshot(ctx, &job, &dir, stop),
+        VmCommand::Restore {
+            dir,
+            job_id,
+            json,
+            landlock,
+        } => restore(ctx, &dir, job_id, json, landlock),
+        VmCommand::Stop { job, grace } => stop(ctx, &job, &grace),
+        VmCommand::Logs {
+            job,
+            follow,
+            events,
+        } => logs(ctx, &job, follow, events),
+    }
+}
+
+fn simple(
+    ctx: &Context,
+    job: &str,
+    done: &str,
+    f: fn(&mut Client) -> Result<(), api::ApiError>,
+) -> anyhow::Result<i32> {
+    let (_, mut c) = match running_target(ctx, job) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match f(&mut c) {
+        Ok(()) => {
+            println!("{job} {done}");
+            Ok(exit::OK)
+        }
+        Err(e) => fail(format!("job {job}: {e}")),
+    }
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[derive(Serialize)]
+struct LsRow {
+    job_id: String,
+    state: String,
+    pid: Option<i32>,
+    supervisor_pid: Option<i32>,
+    ip: String,
+    mac: String,
+    tap: String,
+    uptime_s: Option<f64>,
+    run_dir: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit: Option<ExitInfo>,
+}
+
+fn live_state(c: &mut Client, st: Option<&JobState>) -> String {
+    match c.state() {
+        Ok(s) => s.to_lowercase(),
+        Err(api::ApiError::Timeout { .. }) => "busy".into(),
+        Err(_) => st
+            .map(|s| s.phase.to_string())
+            .unwrap_or_else(|| "unknown".into()),
+    }
+}
+
+fn ls(ctx: &Context, json: bool) -> anyhow::Result<i32> {
+    let mut rows = Vec::new();
+    for id in rundir::list_jobs(ctx) {
+        let paths = JobPaths::new(ctx, &id, None);
+        let st = JobState::load(&paths.state).ok();
+        let live = JobLock::is_held(&paths.lock);
+        let state = if live {
+            live_state(&mut Client::new(&paths.socket), st.as_ref())
+        } else {
+            match st.as_ref().and_then(|s| s.exit.as_ref()) {
+                Some(e) => format!("exited({})", e.code),
+                None => "dead".into(),
+            }
+        };
+        let uptime = st
+            .as_ref()
+            .and_then(|s| s.booted_at)
+            .filter(|_| live)
+            .map(|b| rundir::now_unix() - b);
+        rows.push(LsRow {
+            job_id: id,
+            state,
+            pid: st.as_ref().and_then(|s| s.vmm_pid),
+            supervisor_pid: st.as_ref().map(|s| s.supervisor_pid),
+            ip: st.as_ref().map(|s| s.ip.clone()).unwrap_or_default(),
+            mac: st.as_ref().map(|s| s.mac.clone()).unwrap_or_default(),
+            tap: st.as_ref().map(|s| s.tap.clone()).unwrap_or_default(),
+            uptime_s: uptime,
+            run_dir: paths.dir,
+            exit: st.and_then(|s| s.exit),
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(exit::OK);
+    }
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "{:<28} {:<12} {:>8}  {:<44} {:<15} UPTIME",
+        "JOB", "STATE", "PID", "IP", "TAP"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:<28} {:<12} {:>8}  {:<44} {:<15} {}",
+            r.job_id,
+            r.state,
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            r.ip,
+            r.tap,
+            r.uptime_s.map(human_duration).unwrap_or_else(|| "-".into())
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let t = match target(ctx, job) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let (vm_info, err) = if t.live {
+        match Client::new(&t.paths.socket).info() {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, None)
+    };
+    if json {
+        let v = serde_json::json!({
+            "job_id": job, "live": t.live, "state": t.state, "vm_info": vm_info, "vm_info_error": err,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(exit::OK);
+    }
+    println!("job:       {job}");
+    println!("live:      {}", t.live);
+    if let Some(s) = &t.state {
+        println!("phase:     {}", s.phase);
+        println!(
+            "vmm:       {} (pid {})",
+            s.vmm_bin.display(),
+            s.vmm_pid
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        println!("boot:      {}", s.boot);
+        println!("ip:        {} (gateway {})", s.ip, s.gateway);
+        println!("mac:       {}", s.mac);
+        println!("tap:       {} on {}", s.tap, s.bridge);
+        if let Some(d) = &s.disk {
+            println!(
+                "disk:      {} ({:?}{})",
+                d.path.display(),
+                d.kind,
+                d.base
+                    .as_ref()
+                    .map(|b| format!(", base {}", b.display()))
+                    .unwrap_or_default()
+            );
+        }
+        println!("landlock:  {}", s.landlock);
+        println!("run dir:   {}", t.paths.dir.display());
+        if let Some(e) = &s.exit {
+            println!(
+                "exit:      {} ({}){}",
+                e.code,
+                e.reason,
+                e.detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(v) = vm_info {
+        println!("vm.info:\n{}", serde_json::to_string_pretty(&v)?);
+    }
+    if let Some(e) = err {
+        println!("vm.info:   {e}");
+    }
+    Ok(exit::OK)
+}
+
+/// Is this the host's PVM nested-state failure (facts §5)?
+fn nested_state_hint(e: &api::ApiError) -> String {
+    let text = e.to_string();
+    if text.contains("GetNestedState") {
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        format!(
+            "\nhint: the VMM could not read the vCPUs' nested-virtualization state from KVM{}: this host cannot snapshot VMs with this Cloud Hypervisor build, whatever the VM",
+            if pvm { " (this host's /dev/kvm is PVM, module kvm_pvm)" } else { "" }
+        )
+    } else {
+        String::new()
+    }
+}
+
+fn wait_dead(lock: &Path, budget: Duration) -> Option<JobLock> {
+    let deadline = Instant::now() + budget;
+    loop {
+        if let Ok(Some(l)) = JobLock::try_acquire(lock) {
+            return Some(l);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ask a job's supervisor to stop (SIGTERM) and wait for it to release the lock; SIGKILL it if
+/// it does not. Returns the lock, now ours.
+fn stop_supervisor(t: &Target, budget: Duration) -> Result<JobLock, String> {
+    let pid = t
+        .state
+        .as_ref()
+        .map(|s| s.supervisor_pid)
+        .ok_or("no state file: cannot find the supervisor")?;
+    let nixpid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(nixpid, nix::sys::signal::Signal::SIGTERM);
+    if let Some(l) = wait_dead(&t.paths.lock, budget) {
+        return Ok(l);
+    }
+    tracing::warn!(pid, "the supervisor did not stop in time: SIGKILL");
+    let _ = nix::sys::signal::kill(nixpid, nix::sys::signal::Signal::SIGKILL);
+    wait_dead(&t.paths.lock, Duration::from_secs(5)).ok_or_else(|| {
+        format!(
+            "supervisor pid {pid} still holds {}",
+            t.paths.lock.display()
+        )
+    })
+}
+
+fn stop(ctx: &Context, job: &str, grace: &str) -> anyhow::Result<i32> {
+    let grace = match config::parse_duration(grace) {
+        Ok(g) => g,
+        Err(e) => return usage(e),
+    };
+    let t = match target(ctx, job) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let was_live = t.live;
+    let lock = if t.live {
+        match stop_supervisor(&t, grace + Duration::from_secs(10)) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("job {job}: {e}")),
+        }
+    } else {
+        match JobLock::try_acquire(&t.paths.lock) {
+            Ok(Some(l)) => l,
+            Ok(None) => return fail(format!("job {job} started again meanwhile")),
+            Err(e) => return fail(format!("job {job}: {e}")),
+        }
+    };
+    let ended = JobState::load(&t.paths.state).ok().and_then(|s| s.exit);
+    match gc::collect_job(ctx, &t.paths, false) {
+        Ok(_) => lock.release_and_remove(),
+        Err(e) => return fail(format!("job {job}: {e}")),
+    }
+    let how = ended
+        .map(|e| format!(" ({}, code {})", e.reason.replace('_', " "), e.code))
+        .unwrap_or_default();
+    if was_live {
+        println!("{job} stopped{how}");
+    } else {
+        println!("{job} was not running{how}; removed what it left");
+    }
+    Ok(exit::OK)
+}
+
+fn logs(ctx: &Context, job: &str, follow: bool, events: bool) -> anyhow::Result<i32> {
+    let t = match target(ctx, job) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let file = if events {
+        &t.paths.events
+    } else {
+        &t.paths.serial
+    };
+    let mut tail = ByteTail::new(file);
+    let mut out = io::stdout();
+    loop {
+        let b = tail.poll()?;
+        if !b.is_empty() {
+            out.write_all(&b)?;
+            out.flush()?;
+        }
+        if !follow || !JobLock::is_held(&t.paths.lock) {
+            let b = tail.poll()?;
+            out.write_all(&b)?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(exit::OK)
+}
+
+fn is_empty_dir(d: &Path) -> io::Result<bool> {
+    Ok(fs::read_dir(d)?.next().is_none())
+}
+
+fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::Result<i32> {
+    let (t, mut c) = match running_target(ctx, job) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let Some(st) = t.state.clone() else {
+        return fail(format!("job {job}: no state file"));
+    };
+    let dir = std::path::absolute(dir)?;
+    if let Err(e) = fs::create_dir_all(&dir) {
+        return fail(format!("snapshot dir {}: {e}", dir.display()));
+    }
+    if !is_empty_dir(&dir)? {
+        return fail(format!(
+            "snapshot dir {} is not empty (Cloud Hypervisor will not overwrite a snapshot)",
+            dir.display()
+        ));
+    }
+    if st.landlock && !st.landlock_write_dirs.iter().any(|w| dir.starts_with(w)) {
+        return fail(format!(
+            "job {job} runs under Landlock and may only write snapshots beneath {}; relaunch it with --snapshot-dir {} (or --landlock off)",
+            st.landlock_write_dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            dir.display()
+        ));
+    }
+    let vm_state = match c.state() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("job {job}: {e}")),
+    };
+    let paused_here = match vm_state.as_str() {
+        "Running" => {
+            if let Err(e) = c.pause() {
+                return fail(format!("job {job}: {e}"));
+            }
+            true
+        }
+        "Paused" => false,
+        other => {
+            return fail(format!(
+                "job {job}: VM is {other}; only a running or paused VM can be snapshotted"
+            ))
+        }
+    };
+    let t0 = Instant::now();
+    if let Err(e) = c.snapshot(&dir) {
+        if paused_here {
+            if let Err(r) = c.resume() {
+                eprintln!("chvkit: job {job}: resuming after the failed snapshot: {r}");
+            }
+        }
+        // Leave no half-written snapshot behind.
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        return fail(format!("job {job}: {e}{}", nested_state_hint(&e)));
+    }
+    let snapshot_ms = t0.elapsed().as_millis() as u64;
+    let env_name = "env.img";
+    if let Err(e) = disk::copy_file(&st.env_disk, &dir.join(env_name)) {
+        return fail(format!("job {job}: {e}"));
+    }
+    let mut meta = SnapshotMeta {
+        schema: SNAPSHOT_SCHEMA,
+        job_id: job.to_string(),
+        ip: st.ip.clone(),
+        gateway: st.gateway.clone(),
+        mac: st.mac.clone(),
+        tap: st.tap.clone(),
+        bridge: st.bridge.clone(),
+        cpus: st.cpus,
+        memory_mib: st.memory_mib,
+        boot: st.boot.clone(),
+        disk_file: None,
+        disk_kind: st.disk.as_ref().map(|d| d.kind),
+        disk_base: st.disk.as_ref().and_then(|d| d.base.clone()),
+        live_disk: None,
+        env_disk_file: env_name.into(),
+        stopped: stop_after,
+        created_at: rundir::now_unix(),
+        snapshot_ms,
+    };
+    if !stop_after {
+        if paused_here {
+            if let Err(e) = c.resume() {
+                return fail(format!(
+                    "job {job}: snapshot written to {} but resume failed: {e}",
+                    dir.display()
+                ));
+            }
+        }
+        meta.live_disk = st.disk.as_ref().map(|d| d.path.clone());
+        write_meta(&dir, &meta)?;
+        println!(
+            "{job}: snapshot written to {} in {snapshot_ms} ms; VM {}",
+            dir.display(),
+            if paused_here {
+                "resumed"
+            } else {
+                "left paused"
+            }
+        );
+        return Ok(exit::OK);
+    }
+    // --stop: the disk goes with the snapshot. Mark it first so no cleanup removes it, then
+    // stop the job (a clean VMM exit flushes the qcow2 metadata), then move the disk.
+    let Some(d) = st.disk.clone() else {
+        return fail(format!("job {job}: no per-job disk recorded"));
+    };
+    let dest = dir.join(format!(
+        "disk.{}",
+        if d.kind == DiskKind::Reflink {
+            "raw"
+        } else {
+            "qcow2"
+        }
+    ));
+    if let Err(e) = crate::fsutil::write_atomic(
+        &t.paths.dir.join(HANDOVER_MARKER),
+        dest.to_string_lossy().as_bytes(),
+        0o600,
+    ) {
+        return fail(format!("job {job}: {e}"));
+    }
+    let lock = match stop_supervisor(&t, Duration::from_secs(15)) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("job {job}: {e}")),
+    };
+    if let Err(e) = move_file(&d.path, &dest) {
+        return fail(format!("job {job}: moving its disk into the snapshot: {e}"));
+    }
+    meta.disk_file = dest.file_name().map(|n| n.to_string_lossy().into_owned());
+    write_meta(&dir, &meta)?;
+    match gc::collect_job(ctx, &t.paths, false) {
+        Ok(_) => lock.release_and_remove(),
+        Err(e) => eprintln!("chvkit: job {job}: {e}"),
+    }
+    println!(
+        "{job}: snapshot written to {} in {snapshot_ms} ms; job stopped, its disk moved into the snapshot",
+        dir.display()
+    );
+    Ok(exit::OK)
+}
+
+fn write_meta(dir: &Path, meta: &SnapshotMeta) -> anyhow::Result<()> {
+    let mut b = serde_json::to_vec_pretty(meta)?;
+    b.push(b'\n');
+    crate::fsutil::write_atomic(&dir.join(SNAPSHOT_META), &b, 0o600)?;
+    Ok(())
+}
+
+fn move_file(src: &Path, dest: &Path) -> Result<(), String> {
+    match fs::rename(src, dest) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            disk::copy_file(src, dest).map_err(|e| e.to_string())?;
+            fs::remove_file(src).map_err(|e| format!("{}: {e}", src.display()))
+        }
+        Err(e) => Err(format!("{} -> {}: {e}", src.display(), dest.display())),
+    }
+}
+
+/// Link (or, across filesystems, symlink) `src` to `dest`: memory-ranges can be as big as the
+/// guest's RAM and is only read.
+fn link_or_symlink(src: &Path, dest: &Path) -> io::Result<()> {
+    match fs::hard_link(src, dest) {
+        Ok(()) => Ok(()),
+        Err(_) => std::os::unix::fs::symlink(src, dest),
+    }
+}
+
+fn restore(
+    ctx: &Context,
+    dir: &Path,
+    job_id: Option<String>,
+    json: bool,
+    landlock: LandlockMode,
+) -> anyhow::Result<i32> {
+    let dir = std::path::absolute(dir)?;
+    let meta: SnapshotMeta = match fs::read(dir.join(SNAPSHOT_META)) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(m) => m,
+            Err(e) => return fail(format!("{}: {e}", dir.join(SNAPSHOT_META).display())),
+        },
+        Err(e) => {
+            return fail(format!(
+                "{} is not a chvkit snapshot ({SNAPSHOT_META}: {e}); take snapshots with `chvkit vm snapshot`",
+                dir.display()
+            ))
+        }
+    };
+    let job_id = job_id.unwrap_or_else(|| meta.job_id.clone());
+    if let Err(e) = identity::validate_job_id(&job_id) {
+        return usage(e);
+    }
+    let cfg_text = match fs::read(dir.join("config.json")) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("{}: {e}", dir.join("config.json").display())),
+    };
+    let mut cfg: serde_json::Value = match serde_json::from_slice(&cfg_text) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("{}: {e}", dir.join("config.json").display())),
+    };
+    let sigs = Signals::block()?;
+    let print_failure = |f: &Failure| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"job_id": job_id, "exit_code": f.code, "reason": f.reason, "detail": f.message})
+            );
+        }
+        eprintln!(
+            "chvkit: job {job_id}: {}: {}",
+            f.reason.replace('_', " "),
+            f.message
+        );
+        f.code
+    };
+    let r = restore_inner(ctx, &dir, &meta, &job_id, &mut cfg, landlock, &sigs);
+    match r {
+        Ok(RestoreDone::Parent(rep)) if rep.ok => {
+            if json {
+                println!("{}", rep.extra);
+            } else {
+                let e = &rep.extra;
+                println!(
+                    "{job_id} restored from {}: vm.restore took {} ms, running {} ms after start (ip {}, tap {}, vmm pid {})",
+                    dir.display(),
+                    e["restore_ms"],
+                    e["total_ms"],
+                    e["ip"].as_str().unwrap_or(""),
+                    e["tap"].as_str().unwrap_or(""),
+                    e["vmm_pid"]
+                );
+            }
+            Ok(exit::OK)
+        }
+        Ok(RestoreDone::Parent(rep)) => Ok(print_failure(&Failure {
+            code: rep.code,
+            reason: "restore_failed",
+            message: rep.message,
+        })),
+        Ok(RestoreDone::Child(code)) => Ok(code),
+        Err(f) => Ok(print_failure(&f)),
+    }
+}
+
+enum RestoreDone {
+    Parent(Report),
+    Child(i32),
+}
+
+fn restore_inner(
+    ctx: &Context,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    job_id: &str,
+    cfg: &mut serde_json::Value,
+    landlock_mode: LandlockMode,
+    sigs: &Signals,
+) -> Result<RestoreDone, Failure> {
+    let derived = Identity::derive(
+        job_id,
+        ctx.profile.network.prefix,
+        ctx.profile.network.gateway,
+    )
+    .map_err(|e| Failure::setup(e.to_string()))?;
+    // The guest keeps the address and MAC it had: only the TAP (the host side) is new.
+    let (ip, len) = meta.ip.split_once('/').unwrap_or((&meta.ip, "16"));
+    let identity = Identity {
+        job_id: job_id.to_string(),
+        ip: ip
+            .parse()
+            .map_err(|_| Failure::setup(format!("snapshot ip {:?} is invalid", meta.ip)))?,
+        prefix_len: len.parse().unwrap_or(16),
+        gateway: meta.gateway.parse().map_err(|_| {
+            Failure::setup(format!("snapshot gateway {:?} is invalid", meta.gateway))
+        })?,
+        mac: meta
+            .mac
+            .parse::<Mac>()
+            .map_err(|e| Failure::setup(e.to_string()))?,
+        tap: derived.tap,
+    };
+    let landlock = run::landlock_enabled(landlock_mode)?;
+    let plan = JobPlan {
+        identity,
+        bridge: meta.bridge.clone(),
+        vmm_bin: vmm::find_binary(ctx).map_err(Failure::setup)?,
+        cpus: meta.cpus,
+        memory_mib: meta.memory_mib,
+        boot: format!("restore of {}", dir.display()),
+        landlock,
+        landlock_write_dirs: Vec::new(),
+        keep_disk: false,
+        detached: true,
+        log_dir: None,
+        restored_from: Some(dir.to_path_buf()),
+    };
+    let mut job = Job::begin(ctx, plan, None)?;
+
+    // A fresh copy of the snapshot's disk: the snapshot stays restorable any number of times.
+    let (src_disk, note) = match (&meta.disk_file, &meta.live_disk) {
+        (Some(f), _) => (dir.join(f), None),
+        (None, Some(p)) => (
+            p.clone(),
+            Some("the snapshot was taken without --stop: its disk is the job's disk as it is now, not as it was at the snapshot"),
+        ),
+        (None, None) => return Err(Failure::setup("the snapshot records no disk")),
+    };
+    if !src_disk.exists() {
+        return Err(Failure::setup(format!(
+            "the snapshot's disk {} is gone{}",
+            src_disk.display(),
+            if meta.disk_file.is_none() {
+                " (snapshot without --stop, and the job was stopped since; take snapshots with --stop to keep the disk)"
+            } else {
+                ""
+            }
+        )));
+    }
+    if let Some(n) = note {
+        eprintln!("chvkit: warning: {n}");
+    }
+    let kind = meta.disk_kind.unwrap_or(DiskKind::Qcow2Overlay);
+    if let Some(b) = &meta.disk_base {
+        if !b.exists() {
+            return Err(Failure::setup(format!(
+                "the disk's qcow2 base {} is gone",
+                b.display()
+            )));
+        }
+    }
+    let dest = job
+        .paths
+        .disk_stem
+        .with_extension(if kind == DiskKind::Reflink {
+            "raw"
+        } else {
+            "qcow2"
+        });
+    if let Some(p) = dest.parent() {
+        fs::create_dir_all(p).map_err(|e| Failure::setup(format!("{}: {e}", p.display())))?;
+    }
+    disk::copy_file(&src_disk, &dest).map_err(|e| Failure::setup(e.to_string()))?;
+    let d = JobDisk {
+        path: dest,
+        kind,
+        base: meta.disk_base.clone(),
+    };
+    job.adopt_disk(d.clone())?;
+    disk::copy_file(&dir.join(&meta.env_disk_file), &job.paths.env_disk)
+        .map_err(|e| Failure::setup(e.to_string()))?;
+
+    // The restore source: the snapshot with paths rewritten for this job.
+    let staging = job.paths.restore_dir.clone();
+    rundir::create_private_dir(&staging)
+        .map_err(|e| Failure::setup(format!("{}: {e}", staging.display())))?;
+    rewrite_config(
+        cfg,
+        &d,
+        &job.paths,
+        &job.state.tap,
+        landlock,
+        &job.paths.snapshots,
+    );
+    if landlock {
+        let _ = fs::create_dir_all(&job.paths.snapshots);
+        job.state.landlock_write_dirs = vec![job.paths.snapshots.clone()];
+    }
+    let text = serde_json::to_vec(cfg).map_err(|e| Failure::setup(e.to_string()))?;
+    crate::fsutil::write_atomic(&staging.join("config.json"), &text, 0o600)
+        .map_err(|e| Failure::setup(e.to_string()))?;
+    for e in fs::read_dir(dir)
+        .map_err(|e| Failure::setup(format!("{}: {e}", dir.display())))?
+        .flatten()
+    {
+        let name = e.file_name();
+        let n = name.to_string_lossy();
+        if n == "config.json"
+            || n == SNAPSHOT_META
+            || n == meta.env_disk_file
+            || Some(n.as_ref()) == meta.disk_file.as_deref()
+        {
+            continue;
+        }
+        link_or_symlink(&e.path(), &staging.join(&name))
+            .map_err(|err| Failure::setup(format!("{}: {err}", e.path().display())))?;
+    }
+    job.save_state()?;
+    job.create_tap()?;
+
+    let (side, job) = run::fork_supervisor(job)?;
+    let (mut w, mut job) = match (side, job) {
+        (ForkSide::Parent(rep), _) => return Ok(RestoreDone::Parent(rep)),
+        (ForkSide::Child(w), Some(j)) => (w, j),
+        (ForkSide::Child(_), None) => return Err(Failure::setup("internal: fork lost the job")),
+    };
+    let started = Instant::now();
+    let mut restore_ms = 0;
+    let restored = (|| -> Result<Client, Failure> {
+        job.spawn_vmm()?;
+        let mut c = job.connect()?;
+        let t0 = Instant::now();
+        c.restore(&staging).map_err(|e| {
+            Failure::new(
+                code::BOOT_FAILED,
+                "restore_failed",
+                format!("{e}{}", nested_state_hint(&e)),
+            )
+        })?;
+        restore_ms = t0.elapsed().as_millis() as u64;
+        c.resume()
+            .map_err(|e| Failure::new(code::BOOT_FAILED, "restore_failed", e.to_string()))?;
+        job.mark_running()?;
+        Ok(c)
+    })();
+    let mut client = match restored {
+        Ok(c) => c,
+        Err(f) => {
+            if let Some(v) = job.vmm.as_mut() {
+                let _ = v.stop(
+                    Some(&mut Client::new(&job.paths.socket)),
+                    Duration::from_secs(3),
+                );
+            }
+            job.finish(
+                Some(ExitInfo {
+                    code: f.code,
+                    reason: f.reason.into(),
+                    detail: Some(f.message.clone()),
+                }),
+                false,
+            );
+            run::send_report(
+                &mut w,
+                &Report {
+                    ok: false,
+                    code: f.code,
+                    reason: f.reason.into(),
+                    message: f.message,
+                    extra: serde_json::Value::Null,
+                },
+            );
+            return Ok(RestoreDone::Child(code::BOOT_FAILED));
+        }
+    };
+    let st = &job.state;
+    run::send_report(
+        &mut w,
+        &Report {
+            ok: true,
+            code: 0,
+            reason: "running".into(),
+            message: String::new(),
+            extra: serde_json::json!({
+                "job_id": st.job_id, "state": "running", "restored_from": dir, "ip": st.ip,
+                "mac": st.mac, "tap": st.tap, "vmm_pid": st.vmm_pid,
+                "supervisor_pid": st.supervisor_pid, "restore_ms": restore_ms,
+                "total_ms": started.elapsed().as_millis() as u64, "run_dir": job.paths.dir,
+            }),
+        },
+    );
+    drop(w);
+    let watch = Watch {
+        timeout: None,
+        grace: Duration::from_secs(3),
+        console: false,
+    };
+    let out = match job.vmm.as_mut() {
+        Some(v) => run::supervise(v, &mut client, &job.paths, sigs, &watch),
+        None => return Err(Failure::boot("no VMM")),
+    };
+    job.finish(
+        Some(ExitInfo {
+            code: out.code,
+            reason: out.reason.into(),
+            detail: out.detail.clone(),
+        }),
+        true,
+    );
+    Ok(RestoreDone::Child(out.code))
+}
+
+/// Point a snapshot's `config.json` at this job's disk, env disk, serial log and TAP.
+fn rewrite_config(
+    cfg: &mut serde_json::Value,
+    d: &JobDisk,
+    paths: &JobPaths,
+    tap: &str,
+    landlock: bool,
+    snapshots: &Path,
+) {
+    use serde_json::json;
+    if let Some(disks) = cfg.get_mut("disks").and_then(|v| v.as_array_mut()) {
+        for (i, disk) in disks.iter_mut().enumerate() {
+            let id = disk
+                .get("id")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
+            if id == "rootfs" || (id.is_empty() && i == 0) {
+                disk["path"] = json!(d.path);
+            } else if id == "env" || (id.is_empty() && i == 1) {
+                disk["path"] = json!(paths.env_disk);
+            }
+        }
+    }
+    if let Some(serial) = cfg.get_mut("serial") {
+        if serial.get("mode").and_then(|m| m.as_str()) == Some("File") {
+            serial["file"] = json!(paths.serial);
+        }
+    }
+    if let Some(net) = cfg.get_mut("net").and_then(|v| v.as_array_mut()) {
+        if let Some(n) = net.first_mut() {
+            n["tap"] = json!(tap);
+        }
+    }
+    cfg["landlock_enable"] = json!(landlock);
+    if landlock {
+        let mut rules = run::landlock_base_rules(d, tap);
+        rules.push(json!({ "path": snapshots, "access": "rw" }));
+        cfg["landlock_rules"] = json!(rules);
+    } else if let Some(o) = cfg.as_object_mut() {
+        o.remove("landlock_rules");
+    }
+}

@@ -1,0 +1,462 @@
+//! QEMU (TCG) guest harness: boot a raw rootfs with Debian's cloud kernel to test what runs
+//! inside the guest (the generated /init, networking, exit markers).
+//!
+//! Debian's cloud kernel has virtio_pci/virtio_blk/virtio_net as modules (facts §4), so the
+//! harness builds a small initramfs — busybox-static plus those `.ko` files in the dependency
+//! order `modinfo -F depends` gives for this kernel — whose init loads them, mounts `/dev/vda`
+//! and `switch_root`s to its `/init`, passing the kernel command line through. The initramfs is
+//! cached per kernel version (and per content hash) in the temp dir, built under a file lock.
+//!
+//! Use from a test file with `#[path = "qemu/mod.rs"] mod qemu;` (or `mod qemu;`).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The roots of the module set; their dependencies are computed.
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
+
+/// Printed once by the initramfs per boot: counting it proves the guest did not reboot.
+pub const BOOT_BANNER: &str = "chvkit-initramfs: boot";
+
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub vmlinuz: PathBuf,
+    pub version: String,
+}
+
+/// `CHVKIT_TEST_KERNEL=/boot/vmlinuz-…` or the newest `/boot/vmlinuz-*-cloud-amd64`.
+pub fn find_kernel() -> Option<Kernel> {
+    if let Ok(p) = std::env::var("CHVKIT_TEST_KERNEL") {
+        let p = PathBuf::from(p);
+        let version = p
+            .file_name()?
+            .to_string_lossy()
+            .strip_prefix("vmlinuz-")?
+            .to_string();
+        return Some(Kernel { vmlinuz: p, version });
+    }
+    let mut found: Vec<Kernel> = fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let v = name.strip_prefix("vmlinuz-")?;
+            (v.ends_with("-cloud-amd64") && Path::new("/lib/modules").join(v).is_dir()).then(
+                || Kernel {
+                    vmlinuz: e.path(),
+                    version: v.to_string(),
+                },
+            )
+        })
+        .collect();
+    found.sort_by(|a, b| natural_key(&a.version).cmp(&natural_key(&b.version)));
+    found.pop()
+}
+
+fn natural_key(v: &str) -> Vec<u64> {
+    v.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Why the harness cannot run here, if it cannot (for `common::skip`).
+pub fn unavailable() -> Option<String> {
+    for t in ["qemu-system-x86_64", "modinfo", "cpio", "busybox"] {
+        if !have(t) {
+            return Some(format!("`{t}` is not installed (make test-deps installs it)"));
+        }
+    }
+    if find_kernel().is_none() {
+        return Some("no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".into());
+    }
+    None
+}
+
+fn have(t: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+        .unwrap_or(false)
+}
+
+fn modinfo(version: &str, field: Option<&str>, module: &str) -> Result<String, String> {
+    let mut c = Command::new("modinfo");
+    c.args(["-k", version]);
+    match field {
+        Some(f) => c.args(["-F", f]),
+        None => c.arg("-n"),
+    };
+    let out = c.arg(module).output().map_err(|e| format!("modinfo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "modinfo -k {version} {module}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Modules to load for `roots`, dependencies first (from `modinfo -F depends`), with their
+/// files. Built-in modules are left out.
+pub fn module_order(version: &str, roots: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut todo: Vec<String> = roots.iter().map(|s| s.to_string()).collect();
+    while let Some(m) = todo.pop() {
+        if deps.contains_key(&m) {
+            continue;
+        }
+        let file = modinfo(version, None, &m)?;
+        if file == "(builtin)" || file.is_empty() {
+            deps.insert(m, vec![]);
+            continue;
+        }
+        let d: Vec<String> = modinfo(version, Some("depends"), &m)?
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        todo.extend(d.iter().cloned());
+        deps.insert(m.clone(), d);
+        files.insert(m, PathBuf::from(file));
+    }
+    // Depth-first topological order, deterministic by name.
+    let mut order = Vec::new();
+    let mut done = BTreeSet::new();
+    fn visit(
+        m: &str,
+        deps: &BTreeMap<String, Vec<String>>,
+        done: &mut BTreeSet<String>,
+        stack: &mut Vec<String>,
+        order: &mut Vec<String>,
+    ) -> Result<(), String> {
+        if done.contains(m) {
+            return Ok(());
+        }
+        if stack.iter().any(|s| s == m) {
+            return Err(format!("module dependency cycle at {m}"));
+        }
+        stack.push(m.to_string());
+        for d in deps.get(m).into_iter().flatten() {
+            visit(d, deps, done, stack, order)?;
+        }
+        stack.pop();
+        done.insert(m.to_string());
+        order.push(m.to_string());
+        Ok(())
+    }
+    for m in deps.keys() {
+        visit(m, &deps, &mut done, &mut Vec::new(), &mut order)?;
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|m| files.get(&m).map(|f| (m.clone(), f.clone())))
+        .collect())
+}
+
+const INITRAMFS_INIT: &str = r#"#!/bin/busybox sh
+# chvkit test initramfs: load virtio modules, mount /dev/vda, switch_root to its /init.
+bb=/bin/busybox
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sysfs /sys
+$bb mount -t devtmpfs devtmpfs /dev
+echo "chvkit-initramfs: boot"
+while read -r m; do
+	[ -n "$m" ] || continue
+	$bb insmod "/lib/modules/$m.ko" || echo "chvkit-initramfs: insmod $m failed"
+done </modules.order
+root=/dev/vda
+mode=rw
+for w in $($bb cat /proc/cmdline); do
+	case "$w" in
+	root=*) root=${w#root=} ;;
+	ro) mode=ro ;;
+	rw) mode=rw ;;
+	esac
+done
+i=0
+while [ ! -b "$root" ] && [ "$i" -lt 100 ]; do
+	$bb sleep 0.1
+	i=$((i + 1))
+done
+$bb mkdir -p /newroot
+if ! $bb mount -t ext4 -o "$mode" "$root" /newroot; then
+	echo "chvkit-initramfs: cannot mount $root"
+	$bb poweroff -f
+fi
+$bb umount /proc /sys /dev
+exec $bb switch_root /newroot /init
+echo "chvkit-initramfs: switch_root failed"
+$bb poweroff -f
+"#;
+
+/// Build (or reuse) the initramfs for `k`.
+pub fn initramfs(k: &Kernel) -> Result<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let mods = module_order(&k.version, MODULES)?;
+    let busybox = Path::new("/bin/busybox");
+    let mut h = Sha256::new();
+    h.update(INITRAMFS_INIT.as_bytes());
+    for (m, f) in &mods {
+        h.update(m.as_bytes());
+        h.update(f.to_string_lossy().as_bytes());
+        if let Ok(md) = fs::metadata(f) {
+            h.update(md.len().to_le_bytes());
+        }
+    }
+    h.update(fs::metadata(busybox).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+    let tag = &hex::encode(h.finalize())[..16];
+    let dir = std::env::temp_dir().join("chvkit-test-initramfs");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = dir.join(format!("{}-{tag}.cpio", k.version));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let lockf = fs::File::create(dir.join(".lock")).map_err(|e| e.to_string())?;
+    let _lock = nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("lock: {e}"))?;
+    if out.is_file() {
+        return Ok(out);
+    }
+    let stage = tempfile::tempdir_in(&dir).map_err(|e| e.to_string())?;
+    let s = stage.path();
+    for d in ["bin", "dev", "proc", "sys", "newroot", "lib/modules"] {
+        fs::create_dir_all(s.join(d)).map_err(|e| e.to_string())?;
+    }
+    fs::copy(busybox, s.join("bin/busybox")).map_err(|e| format!("copy busybox: {e}"))?;
+    let mut order = String::new();
+    for (m, f) in &mods {
+        let dest = s.join("lib/modules").join(format!("{m}.ko"));
+        let name = f.to_string_lossy();
+        if name.ends_with(".ko.xz") || name.ends_with(".ko.zst") {
+            let tool = if name.ends_with(".xz") { "xz" } else { "zstd" };
+            let o = Command::new(tool)
+                .args(["-dc"])
+                .arg(f)
+                .output()
+                .map_err(|e| format!("{tool}: {e}"))?;
+            fs::write(&dest, o.stdout).map_err(|e| e.to_string())?;
+        } else {
+            fs::copy(f, &dest).map_err(|e| format!("copy {}: {e}", f.display()))?;
+        }
+        order.push_str(m);
+        order.push('\n');
+    }
+    fs::write(s.join("modules.order"), order).map_err(|e| e.to_string())?;
+    fs::write(s.join("init"), INITRAMFS_INIT).map_err(|e| e.to_string())?;
+    fs::set_permissions(s.join("init"), fs::Permissions::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    // The kernel opens /dev/console before running init.
+    let st = Command::new("mknod")
+        .args(["-m", "600"])
+        .arg(s.join("dev/console"))
+        .args(["c", "5", "1"])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err("mknod dev/console failed (needs root)".into());
+    }
+    let tmp = dir.join(format!(".{}-{tag}.cpio.tmp{}", k.version, std::process::id()));
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg("find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 > \"$1\"")
+        .arg("sh")
+        .arg(&tmp)
+        .current_dir(s)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !cpio.success() {
+        let _ = fs::remove_file(&tmp);
+        return Err("cpio failed".into());
+    }
+    fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: Format,
+    pub readonly: bool,
+}
+
+impl Disk {
+    pub fn raw(path: impl Into<PathBuf>) -> Disk {
+        Disk {
+            path: path.into(),
+            format: Format::Raw,
+            readonly: false,
+        }
+    }
+    pub fn raw_ro(path: impl Into<PathBuf>) -> Disk {
+        Disk {
+            readonly: true,
+            ..Disk::raw(path)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuOpts {
+    /// First disk is `/dev/vda` (the root), then vdb, …
+    pub disks: Vec<Disk>,
+    /// `(tap ifname, guest mac)`: a virtio-net NIC on an existing TAP.
+    pub tap: Option<(String, String)>,
+    /// Run QEMU inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// Extra kernel command line (after `console=ttyS0 root=/dev/vda rw quiet`).
+    pub append: String,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    /// Pass `-no-reboot` (off by default: tests prove the guest powers off by itself).
+    pub no_reboot: bool,
+}
+
+impl Default for QemuOpts {
+    fn default() -> Self {
+        QemuOpts {
+            disks: vec![],
+            tap: None,
+            netns: None,
+            append: String::new(),
+            timeout: Duration::from_secs(180),
+            memory_mib: 512,
+            no_reboot: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct QemuRun {
+    pub serial: String,
+    pub status: Option<ExitStatus>,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+impl QemuRun {
+    /// Values of every `CHVKIT_EXIT=<n>` line on the console.
+    pub fn exit_markers(&self) -> Vec<i32> {
+        self.serial
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("CHVKIT_EXIT="))
+            .filter_map(|v| v.trim().parse().ok())
+            .collect()
+    }
+
+    /// How many times the guest booted (initramfs banners).
+    pub fn boots(&self) -> usize {
+        self.serial.matches(BOOT_BANNER).count()
+    }
+
+    /// QEMU ended on its own (guest power-off), not killed at the timeout.
+    pub fn powered_off(&self) -> bool {
+        !self.timed_out && self.status.is_some_and(|s| s.success())
+    }
+}
+
+/// Boot and wait for QEMU to exit (or kill it at the timeout). The serial log is returned.
+pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
+    let k = find_kernel().ok_or("no cloud kernel in /boot")?;
+    let initrd = initramfs(&k)?;
+    let logdir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let log = logdir.path().join("serial.log");
+    let mut c = match &o.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    c.args(["-machine", "q35,accel=tcg", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-monitor", "none", "-smp", "1"])
+        .args(["-m", &o.memory_mib.to_string()])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 root=/dev/vda rw quiet {}",
+            o.append
+        ));
+    if o.no_reboot {
+        c.arg("-no-reboot");
+    }
+    for (i, d) in o.disks.iter().enumerate() {
+        let fmt = match d.format {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        };
+        let mut spec = format!(
+            "file={},format={fmt},if=none,id=d{i},cache=unsafe",
+            d.path.display()
+        );
+        if d.readonly {
+            spec.push_str(",readonly=on");
+        }
+        c.arg("-drive").arg(spec);
+        c.arg("-device").arg(format!("virtio-blk-pci,drive=d{i}"));
+    }
+    if let Some((tap, mac)) = &o.tap {
+        c.arg("-netdev")
+            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+    }
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = c.spawn().map_err(|e| format!("qemu: {e}"))?;
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break Some(s);
+        }
+        if start.elapsed() > o.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            timed_out = true;
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let elapsed = start.elapsed();
+    let mut serial = fs::read_to_string(&log).unwrap_or_default();
+    if let Some(s) = &status {
+        if !s.success() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            serial.push_str(&format!("\n[qemu exited {s}: {err}]\n"));
+        }
+    }
+    Ok(QemuRun {
+        serial,
+        status,
+        elapsed,
+        timed_out,
+    })
+}
+
+/// Write `text` to a file in `dir` (helper for building test contexts).
+pub fn write_exec(path: &Path, text: &str) {
+    let mut f = fs::File::create(path).expect("create");
+    f.write_all(text.as_bytes()).expect("write");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
+}
