@@ -17,7 +17,10 @@ use std::time::Instant;
 use chvkit::rootfs::ext4;
 
 fn env_num(k: &str, d: u64) -> u64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 /// `files` files over 100-file directories, sizes spread around the mean, pseudo-random bytes.
@@ -65,9 +68,16 @@ fn mkfs_plain(tree: &Path, img: &Path, size: u64, inodes: u64, features: Option<
     if let Some(f) = features {
         c.args(["-O", f]);
     }
-    c.arg("-d").arg(tree).arg(img).arg(format!("{}k", size / 1024));
+    c.arg("-d")
+        .arg(tree)
+        .arg(img)
+        .arg(format!("{}k", size / 1024));
     let o = c.output().unwrap();
-    assert!(o.status.success(), "mkfs: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "mkfs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn main() {
@@ -122,17 +132,26 @@ fn main() {
     let ff = ext4::features(&fast_img).unwrap();
     let hf = ext4::features(&host_img).unwrap();
     let sf = ext4::features(&same_img).unwrap();
-    assert_eq!(ff, sf, "fast path and same-feature baseline must end with equal features");
+    assert_eq!(
+        ff, sf,
+        "fast path and same-feature baseline must end with equal features"
+    );
     assert!(ff.contains(&"metadata_csum".to_string()) && hf.contains(&"metadata_csum".to_string()));
     let only_host: Vec<&String> = hf.iter().filter(|f| !ff.contains(f)).collect();
     let only_fast: Vec<&String> = ff.iter().filter(|f| !hf.contains(f)).collect();
-    let (mf, mh, ms) = (median(fast.clone()), median(host.clone()), median(same.clone()));
+    let (mf, mh, ms) = (
+        median(fast.clone()),
+        median(host.clone()),
+        median(same.clone()),
+    );
     println!("pack, median of 3 (runs: fast {fast:.2?} host {host:.2?} same {same:.2?}):");
     println!("  chvkit fast path (mkfs -d without csum + tune2fs -O metadata_csum + e2fsck -fyD): {mf:.2}s");
     println!("  mkfs.ext4 -d, host default features:                                        {mh:.2}s  ratio {:.2}x", mh / mf);
     println!("  mkfs.ext4 -d, same final features, metadata_csum at creation:               {ms:.2}s  ratio {:.2}x", ms / mf);
     println!("  final features equal (fast vs same-feature baseline): {ff:?}");
-    println!("  host defaults add {only_host:?}, lack {only_fast:?} (not portable to older e2fsprogs)");
+    println!(
+        "  host defaults add {only_host:?}, lack {only_fast:?} (not portable to older e2fsprogs)"
+    );
     for p in [&fast_img, &host_img, &same_img] {
         let _ = fs::remove_file(p);
     }

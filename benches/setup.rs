@@ -39,7 +39,9 @@ impl Ns {
         let name = format!("chvbench-{}", std::process::id());
         run(&["ip", "netns", "add", &name]);
         let ns = Ns(name);
-        run(&["ip", "netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]);
+        run(&[
+            "ip", "netns", "exec", &ns.0, "ip", "link", "set", "lo", "up",
+        ]);
         ns
     }
     fn cmd(&self, prog: &str) -> Command {
@@ -201,7 +203,11 @@ fn main() {
         ms(noop_m),
         ms(noop_m.saturating_sub(enter_m)),
         ms(enter_m),
-        if noop_m <= Duration::from_millis(100) { "met" } else { "NOT met" }
+        if noop_m <= Duration::from_millis(100) {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
 
     // 2. A 64 MiB artifact over loopback HTTP.

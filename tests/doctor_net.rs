@@ -53,7 +53,12 @@ fn hold_tap(ns: &NetNs, name: &str) -> HeldTap {
         ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
         // TUNSETIFF = _IOW('T', 202, int)
         let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x400454ca, ifr.as_mut_ptr()) };
-        assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        );
         let raw = std::os::fd::IntoRawFd::into_raw_fd(tun);
         unsafe { OwnedFd::from_raw_fd(raw) }
     })
@@ -119,7 +124,11 @@ fn doctor(ns: &NetNs, extra: &[&str]) -> Doctor {
         raw: format!("{raw}\n{}", String::from_utf8_lossy(&out.stderr)),
         code: out.status.code(),
     };
-    let want = if d.levels.values().any(|l| l == "FAIL") { 1 } else { 0 };
+    let want = if d.levels.values().any(|l| l == "FAIL") {
+        1
+    } else {
+        0
+    };
     assert_eq!(d.code, Some(want), "exit code vs findings:\n{}", d.raw);
     d
 }
@@ -146,7 +155,11 @@ fn seeded(tag: &str) -> Option<(NetNs, HeldTap)> {
     assert_eq!(d.level("net.host_exposure"), "WARN");
     ns.sh_ok(&d.hint("net.host_exposure"));
     let d = doctor(&ns, &[]);
-    assert!(d.bad().is_empty(), "all net.* PASS after the hint:\n{}", d.raw);
+    assert!(
+        d.bad().is_empty(),
+        "all net.* PASS after the hint:\n{}",
+        d.raw
+    );
     for (id, level) in &d.levels {
         assert_eq!(level, "PASS", "{id}:\n{}", d.raw);
     }
@@ -155,11 +168,23 @@ fn seeded(tag: &str) -> Option<(NetNs, HeldTap)> {
 
 /// Break one thing, expect exactly `id` at `level` (other checks PASS, or SKIP when listed in
 /// `skipped`), run the hint, expect all PASS.
-fn break_and_fix(ns: &NetNs, breaker: &str, id: &str, level: &str, skipped: &[&str], extra: &[&str]) {
+fn break_and_fix(
+    ns: &NetNs,
+    breaker: &str,
+    id: &str,
+    level: &str,
+    skipped: &[&str],
+    extra: &[&str],
+) {
     ns.sh_ok(breaker);
     let d = doctor(ns, extra);
     assert_eq!(d.level(id), level, "after `{breaker}`:\n{}", d.raw);
-    assert_eq!(d.bad(), vec![id], "only {id} is reported after `{breaker}`:\n{}", d.raw);
+    assert_eq!(
+        d.bad(),
+        vec![id],
+        "only {id} is reported after `{breaker}`:\n{}",
+        d.raw
+    );
     for (other, l) in &d.levels {
         if other != id && l != "PASS" {
             assert!(
@@ -181,13 +206,22 @@ fn break_and_fix(ns: &NetNs, breaker: &str, id: &str, level: &str, skipped: &[&s
 
 #[test]
 fn seed_setup_passes() {
-    let Some((ns, _tap)) = seeded("dpass") else { return };
+    let Some((ns, _tap)) = seeded("dpass") else {
+        return;
+    };
     // The TAP is seen as held: its queue is attached.
     let d = doctor(&ns, &[]);
     let taps = d.check("net.taps");
-    assert!(taps["summary"].as_str().unwrap_or("").contains("1 TAP"), "{}", d.raw);
+    assert!(
+        taps["summary"].as_str().unwrap_or("").contains("1 TAP"),
+        "{}",
+        d.raw
+    );
     // ip6tables-nft's NAT rule is recognised as such.
-    assert!(d.check("net.nat")["summary"].as_str().unwrap_or("").contains("ip6tables-nft"));
+    assert!(d.check("net.nat")["summary"]
+        .as_str()
+        .unwrap_or("")
+        .contains("ip6tables-nft"));
     // Human output of the same run: aligned, no colour without a TTY, -q shows nothing to fix.
     let out = ns.chvkit(&["doctor", "--only", "net", "-q"]);
     assert!(out.status.success(), "{}", common::text(&out));
@@ -197,14 +231,32 @@ fn seed_setup_passes() {
 
 #[test]
 fn dad_back_on() {
-    let Some((ns, _tap)) = seeded("ddad") else { return };
-    break_and_fix(&ns, "sysctl -qw net.ipv6.conf.chvbr0.accept_dad=1", "net.dad", "WARN", &[], &[]);
+    let Some((ns, _tap)) = seeded("ddad") else {
+        return;
+    };
+    break_and_fix(
+        &ns,
+        "sysctl -qw net.ipv6.conf.chvbr0.accept_dad=1",
+        "net.dad",
+        "WARN",
+        &[],
+        &[],
+    );
 }
 
 #[test]
 fn address_removed() {
-    let Some((ns, _tap)) = seeded("daddr") else { return };
-    break_and_fix(&ns, "ip -6 addr del fdcd::1/16 dev chvbr0", "net.bridge_addr", "FAIL", &[], &[]);
+    let Some((ns, _tap)) = seeded("daddr") else {
+        return;
+    };
+    break_and_fix(
+        &ns,
+        "ip -6 addr del fdcd::1/16 dev chvbr0",
+        "net.bridge_addr",
+        "FAIL",
+        &[],
+        &[],
+    );
 }
 
 /// Apply the hint of every WARN/FAIL check, up to three rounds, and expect none left.
@@ -224,7 +276,9 @@ fn converge(ns: &NetNs) {
 
 #[test]
 fn tentative_address() {
-    let Some((ns, _tap)) = seeded("dtent") else { return };
+    let Some((ns, _tap)) = seeded("dtent") else {
+        return;
+    };
     // The facts §3 situation: DAD on, the bridge without carrier (its only port a TAP nobody
     // holds), and the address re-added without `nodad`: it stays tentative.
     ns.sh_ok(
@@ -235,25 +289,42 @@ fn tentative_address() {
     );
     let d = doctor(&ns, &[]);
     assert_eq!(d.level("net.bridge_addr"), "FAIL", "{}", d.raw);
-    let summary = d.check("net.bridge_addr")["summary"].as_str().unwrap_or("").to_string();
+    let summary = d.check("net.bridge_addr")["summary"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     assert!(summary.contains("tentative"), "{}", d.raw);
     // DAD is the cause and the address is unusable: a FAIL, not a WARN.
     assert_eq!(d.level("net.dad"), "FAIL", "{}", d.raw);
     converge(&ns);
     let d = doctor(&ns, &[]);
-    assert!(!d.check("net.bridge_addr")["summary"].as_str().unwrap_or("").contains("tentative"));
+    assert!(!d.check("net.bridge_addr")["summary"]
+        .as_str()
+        .unwrap_or("")
+        .contains("tentative"));
 }
 
 #[test]
 fn bridge_down() {
-    let Some((ns, _tap)) = seeded("ddown") else { return };
+    let Some((ns, _tap)) = seeded("ddown") else {
+        return;
+    };
     // Down drops fdcd::1 as well: the address check defers to net.bridge_up, whose hint re-adds it.
-    break_and_fix(&ns, "ip link set chvbr0 down", "net.bridge_up", "FAIL", &["net.bridge_addr"], &[]);
+    break_and_fix(
+        &ns,
+        "ip link set chvbr0 down",
+        "net.bridge_up",
+        "FAIL",
+        &["net.bridge_addr"],
+        &[],
+    );
 }
 
 #[test]
 fn forwarding_off() {
-    let Some((ns, _tap)) = seeded("dfwd") else { return };
+    let Some((ns, _tap)) = seeded("dfwd") else {
+        return;
+    };
     break_and_fix(
         &ns,
         "echo 0 > /proc/sys/net/ipv6/conf/all/forwarding",
@@ -266,7 +337,9 @@ fn forwarding_off() {
 
 #[test]
 fn nat_rule_deleted() {
-    let Some((ns, _tap)) = seeded("dnat") else { return };
+    let Some((ns, _tap)) = seeded("dnat") else {
+        return;
+    };
     break_and_fix(
         &ns,
         "ip6tables -t nat -D POSTROUTING -s fdcd::/16 ! -o chvbr0 -j MASQUERADE",
@@ -281,10 +354,13 @@ fn nat_rule_deleted() {
 
 #[test]
 fn nat_rule_deleted_iptables_backend() {
-    let Some((ns, _tap)) = seeded("dnati") else { return };
+    let Some((ns, _tap)) = seeded("dnati") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("iptables.yaml");
-    let text = include_str!("../profiles/default.yaml").replace("firewall: nftables", "firewall: iptables");
+    let text = include_str!("../profiles/default.yaml")
+        .replace("firewall: nftables", "firewall: iptables");
     std::fs::write(&profile, text).unwrap();
     let p = profile.to_str().unwrap();
     break_and_fix(
@@ -300,14 +376,25 @@ fn nat_rule_deleted_iptables_backend() {
 
 #[test]
 fn forward_rule_deleted() {
-    let Some((ns, _tap)) = seeded("dfr") else { return };
+    let Some((ns, _tap)) = seeded("dfr") else {
+        return;
+    };
     // FORWARD's policy is ACCEPT here, so nothing is dropped yet: a WARN, not a FAIL.
-    break_and_fix(&ns, "ip6tables -D FORWARD -i chvbr0 -j ACCEPT", "net.forward_rules", "WARN", &[], &[]);
+    break_and_fix(
+        &ns,
+        "ip6tables -D FORWARD -i chvbr0 -j ACCEPT",
+        "net.forward_rules",
+        "WARN",
+        &[],
+        &[],
+    );
 }
 
 #[test]
 fn forward_drop_policy_is_a_fail() {
-    let Some((ns, _tap)) = seeded("dfdrop") else { return };
+    let Some((ns, _tap)) = seeded("dfdrop") else {
+        return;
+    };
     // Docker's shape: policy DROP, our accept rules gone.
     break_and_fix(
         &ns,
@@ -321,10 +408,15 @@ fn forward_drop_policy_is_a_fail() {
 
 #[test]
 fn br_netfilter_trap() {
-    let Some((ns, _tap)) = seeded("dbrnf") else { return };
+    let Some((ns, _tap)) = seeded("dbrnf") else {
+        return;
+    };
     let brnf = ns.sh("cat /proc/sys/net/bridge/bridge-nf-call-ip6tables");
     if !brnf.status.success() {
-        common::skip("doctor_net::br_netfilter_trap", "br_netfilter is not loaded on this host");
+        common::skip(
+            "doctor_net::br_netfilter_trap",
+            "br_netfilter is not loaded on this host",
+        );
         return;
     }
     ns.sh_ok("sysctl -qw net.bridge.bridge-nf-call-ip6tables=1");
@@ -332,8 +424,14 @@ fn br_netfilter_trap() {
     ns.sh_ok("ip6tables -P FORWARD DROP && ip6tables -D FORWARD -i chvbr0 -j ACCEPT");
     let d = doctor(&ns, &[]);
     assert_eq!(d.level("net.forward_rules"), "FAIL", "{}", d.raw);
-    let detail = d.check("net.forward_rules")["detail"].as_str().unwrap_or("").to_string();
-    assert!(detail.contains("br_netfilter") && detail.contains("guest→guest"), "{detail}");
+    let detail = d.check("net.forward_rules")["detail"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        detail.contains("br_netfilter") && detail.contains("guest→guest"),
+        "{detail}"
+    );
     ns.sh_ok(&d.hint("net.forward_rules"));
     let d = doctor(&ns, &[]);
     assert!(d.bad().is_empty(), "{}", d.raw);
@@ -341,19 +439,32 @@ fn br_netfilter_trap() {
 
 #[test]
 fn tap_detached() {
-    let Some((ns, _tap)) = seeded("dtapd") else { return };
-    break_and_fix(&ns, "ip link set chv-t0 nomaster", "net.taps", "FAIL", &[], &[]);
+    let Some((ns, _tap)) = seeded("dtapd") else {
+        return;
+    };
+    break_and_fix(
+        &ns,
+        "ip link set chv-t0 nomaster",
+        "net.taps",
+        "FAIL",
+        &[],
+        &[],
+    );
 }
 
 #[test]
 fn tap_down() {
-    let Some((ns, _tap)) = seeded("dtapu") else { return };
+    let Some((ns, _tap)) = seeded("dtapu") else {
+        return;
+    };
     break_and_fix(&ns, "ip link set chv-t0 down", "net.taps", "FAIL", &[], &[]);
 }
 
 #[test]
 fn tap_without_process_is_left_behind() {
-    let Some((ns, _tap)) = seeded("dtapl") else { return };
+    let Some((ns, _tap)) = seeded("dtapl") else {
+        return;
+    };
     // A persistent TAP nobody holds: what a killed VMM leaves. It has no carrier.
     break_and_fix(
         &ns,
@@ -369,7 +480,9 @@ fn tap_without_process_is_left_behind() {
 
 #[test]
 fn slaac_uplink_accept_ra() {
-    let Some((ns, _tap)) = seeded("dra") else { return };
+    let Some((ns, _tap)) = seeded("dra") else {
+        return;
+    };
     // An uplink whose default route came from a router advertisement (proto ra), accept_ra=1,
     // while forwarding is on: the kernel ignores its RAs from now on.
     break_and_fix(
@@ -397,9 +510,42 @@ fn no_bridge_skips_dependents_with_working_hints() {
     // The bridge hint alone brings bridge, up, address and DAD to PASS.
     ns.sh_ok(&d.hint("net.bridge"));
     let d = doctor(&ns, &[]);
-    for id in ["net.bridge", "net.bridge_up", "net.bridge_addr", "net.dad", "net.taps"] {
+    for id in [
+        "net.bridge",
+        "net.bridge_up",
+        "net.bridge_addr",
+        "net.dad",
+        "net.taps",
+    ] {
         assert_eq!(d.level(id), "PASS", "{id}:\n{}", d.raw);
     }
     // Then the remaining hints converge the namespace.
     converge(&ns);
+}
+
+#[test]
+fn nft_command_fallback_sees_the_same() {
+    let Some((ns, _tap)) = seeded("dfb") else {
+        return;
+    };
+    // Without libnftables, the ruleset comes from `nft -j` (and `nft -a` for xt text).
+    let out = ns
+        .cmd(common::chvkit())
+        .args(["doctor", "--json", "--only", "net"])
+        .env("CHVKIT_LIBNFTABLES", "/nonexistent/libnftables.so.1")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for c in v["checks"].as_array().unwrap() {
+        assert_eq!(c["level"], "PASS", "{c}\n{}", common::text(&out));
+    }
+    ns.sh_ok("ip6tables -D FORWARD -o chvbr0 -m state --state RELATED,ESTABLISHED -j ACCEPT");
+    let out = ns
+        .cmd(common::chvkit())
+        .args(["doctor", "--json", "--only", "net.forward_rules"])
+        .env("CHVKIT_LIBNFTABLES", "/nonexistent/libnftables.so.1")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["checks"][0]["level"], "WARN", "{}", common::text(&out));
 }

@@ -155,7 +155,12 @@ fn assert_clean_poweroff(run: &qemu::QemuRun, expect: i32) {
         run.timed_out,
         run.serial
     );
-    assert_eq!(run.boots(), 1, "the guest booted more than once:\n{}", run.serial);
+    assert_eq!(
+        run.boots(),
+        1,
+        "the guest booted more than once:\n{}",
+        run.serial
+    );
     assert_eq!(
         run.exit_markers(),
         vec![expect],
@@ -181,7 +186,8 @@ fn rootfs_boot_exit_status_from_image_env() {
     .unwrap();
     assert_clean_poweroff(&run, 3);
     assert!(
-        run.serial.contains("workload: mode=exit3 uid=0 cwd=/srv greeting=hello"),
+        run.serial
+            .contains("workload: mode=exit3 uid=0 cwd=/srv greeting=hello"),
         "{}",
         run.serial
     );
@@ -262,7 +268,10 @@ fn rootfs_boot_network_env_disk_and_quoting() {
     assert!(serial.contains("default via fdcd::1 dev eth0"), "{serial}");
     assert!(serial.contains("nameserver fdcd::53"), "{serial}");
     assert!(serial.contains("env file mode 600"), "{serial}");
-    assert!(serial.contains(&format!("workload: token={token}")), "{serial}");
+    assert!(
+        serial.contains(&format!("workload: token={token}")),
+        "{serial}"
+    );
     // Host side: the request came from the address checker.env gave the guest.
     let peer = listener.join().unwrap();
     assert_eq!(peer, guest_ip);

@@ -7,7 +7,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const TOOLS: &[&str] = &["buildah", "umoci", "mkfs.ext4", "e2fsck", "debugfs", "busybox"];
+const TOOLS: &[&str] = &[
+    "buildah",
+    "umoci",
+    "mkfs.ext4",
+    "e2fsck",
+    "debugfs",
+    "busybox",
+];
 
 struct Env {
     dir: tempfile::TempDir,
@@ -33,7 +40,9 @@ impl Env {
     fn chvkit(&self, args: &[&str], envs: &[(&str, &str)]) -> Output {
         let mut c = Command::new(common::chvkit());
         c.arg("--root").arg(self.p("hostroot")).arg("rootfs");
-        c.args(args).env("NO_COLOR", "1").env_remove("SOURCE_DATE_EPOCH");
+        c.args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("SOURCE_DATE_EPOCH");
         for (k, v) in envs {
             c.env(k, v);
         }
@@ -113,7 +122,14 @@ fn rootfs_build_tree_contents_and_features() {
     let ctx = e.context("ctx", TREE_DOCKERFILE);
     let out = e.p("out.raw");
     let o = e.chvkit(
-        &["--pull", "never", "--json", "-o", out.to_str().unwrap(), ctx.to_str().unwrap()],
+        &[
+            "--pull",
+            "never",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+            ctx.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", common::text(&o));
@@ -157,7 +173,11 @@ fn rootfs_build_tree_contents_and_features() {
     assert!(debugfs(&out, "cat /etc/passwd").contains("chvkit1234:x:1234:5678:"));
 
     // Portable features + metadata_csum, nothing newer; no reserved blocks; sparse.
-    let dump = Command::new("dumpe2fs").arg("-h").arg(&out).output().unwrap();
+    let dump = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&out)
+        .output()
+        .unwrap();
     let dump = String::from_utf8_lossy(&dump.stdout);
     let feats: Vec<&str> = dump
         .lines()
@@ -177,7 +197,10 @@ fn rootfs_build_tree_contents_and_features() {
     assert!(dump.contains("Reserved block count:     0"), "{dump}");
     let size = j["size_bytes"].as_u64().unwrap();
     assert_eq!(fs::metadata(&out).unwrap().len(), size);
-    assert!(j["allocated_bytes"].as_u64().unwrap() < size / 2, "not sparse: {j}");
+    assert!(
+        j["allocated_bytes"].as_u64().unwrap() < size / 2,
+        "not sparse: {j}"
+    );
 }
 
 #[test]
@@ -190,9 +213,19 @@ fn rootfs_build_reproducible_with_source_date_epoch() {
     let ctx = e.context("ctx", TREE_DOCKERFILE);
     let build = |name: &str, epoch: Option<&str>| {
         let out = e.p(name);
-        let envs: Vec<(&str, &str)> = epoch.map(|v| ("SOURCE_DATE_EPOCH", v)).into_iter().collect();
+        let envs: Vec<(&str, &str)> = epoch
+            .map(|v| ("SOURCE_DATE_EPOCH", v))
+            .into_iter()
+            .collect();
         let o = e.chvkit(
-            &["--pull", "never", "--no-cache", "-o", out.to_str().unwrap(), ctx.to_str().unwrap()],
+            &[
+                "--pull",
+                "never",
+                "--no-cache",
+                "-o",
+                out.to_str().unwrap(),
+                ctx.to_str().unwrap(),
+            ],
             &envs,
         );
         assert!(o.status.success(), "{}", common::text(&o));
@@ -202,7 +235,11 @@ fn rootfs_build_reproducible_with_source_date_epoch() {
     // Different wall-clock second, new scratch dirs, new unpack (ctimes, readdir order).
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let b = build("b.raw", Some("1700000000"));
-    assert_eq!(sha256(&a), sha256(&b), "same input + SOURCE_DATE_EPOCH must be byte-identical");
+    assert_eq!(
+        sha256(&a),
+        sha256(&b),
+        "same input + SOURCE_DATE_EPOCH must be byte-identical"
+    );
     e2fsck_clean(&a);
     // The comparison means something: without the epoch, two builds differ.
     let c = build("c.raw", None);
@@ -240,7 +277,30 @@ fn rootfs_build_cache_hit_and_no_cache() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert!(!names.contains(&"unpack") && !names.contains(&"pack"), "{names:?}");
+    assert!(
+        !names.contains(&"unpack") && !names.contains(&"pack"),
+        "{names:?}"
+    );
+    // Unchanged context: not even buildah runs.
+    assert!(!names.contains(&"build"), "{names:?}");
+    // Same command, same OUT, untouched since: nothing is rewritten.
+    use std::os::unix::fs::MetadataExt;
+    let before = fs::metadata(&a).unwrap();
+    let (_, ja2) = run("a.raw", &[]);
+    assert_eq!(ja2["cache"], "hit");
+    let after = fs::metadata(&a).unwrap();
+    assert_eq!(
+        (before.ino(), before.ctime(), before.ctime_nsec()),
+        (after.ino(), after.ctime(), after.ctime_nsec())
+    );
+    assert!(ja2["total_seconds"].as_f64().unwrap() < 1.0, "{ja2}");
+    // A modified OUT is replaced with the cached bytes.
+    let f = fs::OpenOptions::new().write(true).open(&a).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"garbage", 1024).unwrap();
+    drop(f);
+    let (_, ja3) = run("a.raw", &[]);
+    assert_eq!(ja3["cache"], "hit");
+    assert_eq!(sha256(&a), sha256(&b));
     // A changed option is a different key.
     let (_, jc) = run("c.raw", &["--headroom", "10M"]);
     assert_eq!(jc["cache"], "miss");
@@ -261,7 +321,15 @@ fn rootfs_build_cache_hit_and_no_cache() {
 /// Run a shell snippet in a private mount namespace (for tmpfs/ro mounts), with $CHVKIT set.
 fn in_mount_ns(script: &str) -> Output {
     Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
         .arg(common::chvkit())
         .output()
         .unwrap()
@@ -270,7 +338,11 @@ fn in_mount_ns(script: &str) -> Output {
 #[test]
 fn rootfs_build_errors_are_clear_and_leave_nothing() {
     let t = "rootfs_build_errors_are_clear_and_leave_nothing";
-    if !common::require(t, true, &["buildah", "umoci", "mkfs.ext4", "unshare", "busybox"]) {
+    if !common::require(
+        t,
+        true,
+        &["buildah", "umoci", "mkfs.ext4", "unshare", "busybox"],
+    ) {
         return;
     }
     let e = Env::new();
@@ -282,24 +354,42 @@ fn rootfs_build_errors_are_clear_and_leave_nothing() {
 
     // buildah missing: PATH without it.
     let o = e.chvkit(
-        &["--pull", "never", "-o", out.to_str().unwrap(), ctx.to_str().unwrap()],
+        &[
+            "--pull",
+            "never",
+            "-o",
+            out.to_str().unwrap(),
+            ctx.to_str().unwrap(),
+        ],
         &[("PATH", "/nonexistent")],
     );
     let txt = common::text(&o);
     assert_eq!(o.status.code(), Some(1), "{txt}");
-    assert!(txt.contains("`buildah` is not installed: apt-get install buildah"), "{txt}");
+    assert!(
+        txt.contains("`buildah` is not installed: apt-get install buildah"),
+        "{txt}"
+    );
     assert!(empty(&outdir), "{txt}");
 
     // Dockerfile syntax error: buildah's own message comes through.
     let bad = e.context("bad", "FROM scratch\nCOPPY busybox /bin/busybox\n");
     let o = e.chvkit(
-        &["--pull", "never", "-o", out.to_str().unwrap(), bad.to_str().unwrap()],
+        &[
+            "--pull",
+            "never",
+            "-o",
+            out.to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ],
         &[],
     );
     let txt = common::text(&o);
     assert_eq!(o.status.code(), Some(1), "{txt}");
     assert!(txt.contains("buildah could not build"), "{txt}");
-    assert!(txt.to_lowercase().contains("coppy"), "buildah's message was lost: {txt}");
+    assert!(
+        txt.to_lowercase().contains("coppy"),
+        "buildah's message was lost: {txt}"
+    );
     assert!(empty(&outdir), "{txt}");
 
     // Read-only destination: refused before any work.
@@ -313,9 +403,15 @@ fn rootfs_build_errors_are_clear_and_leave_nothing() {
     ));
     let txt = common::text(&o);
     assert_eq!(o.status.code(), Some(1), "{txt}");
-    assert!(txt.contains(&format!("cannot write the output {}/x.raw", ro.display())), "{txt}");
+    assert!(
+        txt.contains(&format!("cannot write the output {}/x.raw", ro.display())),
+        "{txt}"
+    );
     assert!(txt.contains("Read-only file system"), "{txt}");
-    assert!(!txt.contains("STEP"), "the build ran before the output check: {txt}");
+    assert!(
+        !txt.contains("STEP"),
+        "the build ran before the output check: {txt}"
+    );
 
     // No space at OUT (a 4 MiB tmpfs): a clear error and nothing left there.
     let small = e.p("small");
@@ -329,12 +425,32 @@ fn rootfs_build_errors_are_clear_and_leave_nothing() {
     let txt = common::text(&o);
     assert_eq!(o.status.code(), Some(1), "{txt}");
     assert!(txt.contains("no space left"), "{txt}");
-    assert!(txt.contains("left: []"), "partial output left behind: {txt}");
+    assert!(
+        txt.contains("left: []"),
+        "partial output left behind: {txt}"
+    );
 
     // Bad option values name the value.
-    let o = e.chvkit(&["--size", "12Q", "-o", out.to_str().unwrap(), ctx.to_str().unwrap()], &[]);
+    let o = e.chvkit(
+        &[
+            "--size",
+            "12Q",
+            "-o",
+            out.to_str().unwrap(),
+            ctx.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(common::text(&o).contains("12Q"), "{}", common::text(&o));
-    let o = e.chvkit(&["--image", "oci:/nonexistent/layout:x", "-o", out.to_str().unwrap()], &[]);
+    let o = e.chvkit(
+        &[
+            "--image",
+            "oci:/nonexistent/layout:x",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(common::text(&o).contains("/nonexistent/layout is not an OCI layout"));
     assert!(empty(&outdir));
 }
@@ -384,7 +500,13 @@ fn rootfs_build_from_oci_layout_keeps_nodes_and_xattrs() {
     ));
     let out = e.p("out.raw");
     let o = e.chvkit(
-        &["--json", "--image", &format!("oci:{}:v1", layout.display()), "-o", out.to_str().unwrap()],
+        &[
+            "--json",
+            "--image",
+            &format!("oci:{}:v1", layout.display()),
+            "-o",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", common::text(&o));

@@ -82,7 +82,10 @@ fn make_tree(shell: Shell, workload: &str, w: Workload, env: &str) -> Tree {
 fn workload(uid: u32) -> Workload {
     Workload {
         args: vec!["/usr/local/bin/workload".into(), "arg one".into()],
-        env: vec!["PATH=/usr/local/bin:/bin".into(), "GREETING=hi there".into()],
+        env: vec![
+            "PATH=/usr/local/bin:/bin".into(),
+            "GREETING=hi there".into(),
+        ],
         cwd: "/srv".into(),
         uid,
         gid: uid,
@@ -125,7 +128,14 @@ echo "init returned $st"
     let loopdev = std::env::var("CHVKIT_TEST_LOOP").unwrap_or_default();
     let child = ns
         .cmd("unshare")
-        .args(["--mount", "--pid", "--fork", "--uts", "--propagation", "private"])
+        .args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--uts",
+            "--propagation",
+            "private",
+        ])
         .args(["sh", "-c", script, "sh"])
         .arg(&m)
         .arg(t.dir.path())
@@ -156,7 +166,10 @@ echo "init returned $st"
 
 /// Host PID of the process that is PID 1 of a child PID namespace inside netns `ns`.
 fn ns_init_pid(ns: &str) -> Option<u32> {
-    let o = Command::new("ip").args(["netns", "pids", ns]).output().ok()?;
+    let o = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&o.stdout)
         .split_whitespace()
         .filter_map(|p| p.parse::<u32>().ok())
@@ -164,9 +177,10 @@ fn ns_init_pid(ns: &str) -> Option<u32> {
             fs::read_to_string(format!("/proc/{p}/status"))
                 .ok()
                 .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("NSpid:"))
-                        .map(|l| l.split_whitespace().last() == Some("1") && l.split_whitespace().count() == 3)
+                    s.lines().find(|l| l.starts_with("NSpid:")).map(|l| {
+                        l.split_whitespace().last() == Some("1")
+                            && l.split_whitespace().count() == 3
+                    })
                 })
                 .unwrap_or(false)
                 && fs::read_to_string(format!("/proc/{p}/cmdline"))
@@ -251,11 +265,15 @@ fn full_cycle(test: &str, shell: Shell) {
     // Seen from outside: the address and route /init configured from checker.env.
     let addrs = ns.sh_ok("ip -6 addr show dev eth0");
     assert!(addrs.contains("inet6 fdcd::42/16"), "{addrs}");
-    assert!(!addrs.contains("tentative"), "DAD was not disabled: {addrs}");
+    assert!(
+        !addrs.contains("tentative"),
+        "DAD was not disabled: {addrs}"
+    );
     let routes = ns.sh_ok("ip -6 route show default");
     assert!(routes.contains("via fdcd::1 dev eth0"), "{routes}");
     assert_eq!(
-        ns.sh_ok("cat /proc/sys/net/ipv6/conf/eth0/accept_dad").trim(),
+        ns.sh_ok("cat /proc/sys/net/ipv6/conf/eth0/accept_dad")
+            .trim(),
         "0"
     );
 }
@@ -293,7 +311,10 @@ fn sigterm_forwarded(test: &str, shell: Shell) {
             .unwrap_or_default()
             .contains("workload: ready")
         {
-            assert!(start.elapsed() < Duration::from_secs(20), "workload never started");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "workload never started"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         // SIGTERM to PID 1, as a VMM's ACPI shutdown path or an operator would send it.
@@ -334,7 +355,10 @@ fn rootfs_init_broken_env_and_missing_command_still_power_off() {
     let out = boot(&ns, &t, "console=ttyS0", |_| {});
     let c = t.console_text();
     let ctx = format!("{}\n--- console\n{c}", common::text(&out));
-    assert!(c.contains("/etc/checker.env does not parse: ignored"), "{ctx}");
+    assert!(
+        c.contains("/etc/checker.env does not parse: ignored"),
+        "{ctx}"
+    );
     assert_eq!(markers(&c), vec!["CHVKIT_EXIT=127".to_string()], "{ctx}");
 }
 

@@ -110,8 +110,7 @@ fn setup_converges_is_idempotent_and_teardown_removes_only_its_own() {
     );
     let foreign_table = ns.sh_ok("nft list table ip6 foreign");
     let all_dad = sysctl(&ns, "net.ipv6.conf.all.accept_dad");
-    let foreign_bridge =
-        ns.sh_ok(FOREIGN_BRIDGE);
+    let foreign_bridge = ns.sh_ok(FOREIGN_BRIDGE);
     let (env, srv, chv, fw) = env_with_server(&ns, "conv");
 
     let plan = chvkit(
@@ -275,10 +274,7 @@ fn setup_converges_is_idempotent_and_teardown_removes_only_its_own() {
     let tables = ns.sh_ok("nft list tables");
     assert!(!tables.contains("chvkit"), "{tables}");
     assert_eq!(ns.sh_ok("nft list table ip6 foreign"), foreign_table);
-    assert_eq!(
-        ns.sh_ok(FOREIGN_BRIDGE),
-        foreign_bridge
-    );
+    assert_eq!(ns.sh_ok(FOREIGN_BRIDGE), foreign_bridge);
     assert_eq!(sysctl(&ns, "net.ipv6.conf.all.forwarding"), "0");
     assert_eq!(sysctl(&ns, "net.ipv6.conf.up0.accept_ra"), "1");
     assert_eq!(sysctl(&ns, "net.ipv6.conf.all.accept_dad"), all_dad);
@@ -439,8 +435,16 @@ fn iptables_backend_checks_before_adding_and_leaves_foreign_rules() {
     assert_eq!(ns.sh_ok(save), before, "second run added nothing");
     assert_eq!(before.matches("-j CHVKIT-FWD").count(), 1, "{before}");
 
+    // Switching the backend takes chvkit's ip6tables chains out before the table goes in.
+    let o3 = chvkit(&ns, &env, &["setup", "--network-only"]);
+    assert!(o3.status.success(), "{}", text(&o3));
+    assert!(!ns.sh_ok(save).contains("CHVKIT"), "{}", ns.sh_ok(save));
+    assert!(ns.sh_ok("nft list tables").contains("table inet chvkit"));
+    assert!(env.at("/etc/chvkit/chvkit.nft").exists());
+
     let td = chvkit(&ns, &env, &["teardown"]);
     assert!(td.status.success(), "{}", text(&td));
+    assert!(!ns.sh_ok("nft list tables").contains("chvkit"));
     let after = ns.sh_ok(save);
     assert!(!after.contains("CHVKIT"), "{after}");
     for foreign in [

@@ -120,7 +120,9 @@ pub fn chv_version(ctx: &Context, f: &Facts) -> Finding {
             return Finding::fail(
                 ID,
                 "`--version` failed",
-                format!("{e}. A binary for another architecture or a truncated download does this."),
+                format!(
+                    "{e}. A binary for another architecture or a truncated download does this."
+                ),
                 get,
             )
         }
@@ -174,18 +176,22 @@ fn expected(pin: Option<&str>, key: &str, f: &Facts) -> Expected {
     }
 }
 
-/// The shared judgement of a file against its pin or lock entry.
-fn checksum(
+/// What a checksum check verifies.
+struct Subject<'a> {
     id: &'static str,
-    what: &str,
-    a: &Artifact,
-    pin: Option<&str>,
-    key: &str,
-    url: &str,
-    mode: &str,
-    f: &Facts,
-) -> Finding {
-    let get = download(&a.path, url, mode);
+    /// For messages: `cloud-hypervisor`, `firmware`.
+    what: &'a str,
+    pin: Option<&'a str>,
+    /// Key in the lock file.
+    key: &'a str,
+    url: &'a str,
+    mode: &'a str,
+}
+
+/// The shared judgement of a file against its pin or lock entry.
+fn checksum(s: &Subject<'_>, a: &Artifact, f: &Facts) -> Finding {
+    let (id, what, pin) = (s.id, s.what, s.pin);
+    let get = download(&a.path, s.url, s.mode);
     let actual = match &a.sha256 {
         Some(Ok(h)) => h.clone(),
         Some(Err(e)) => {
@@ -201,14 +207,18 @@ fn checksum(
         }
     };
     let lock = f.lock_path.display();
-    match expected(pin, key, f) {
+    match expected(pin, s.key, f) {
         Expected::Pin(e) | Expected::Lock(e, _) if e == actual => {
             let source = if pin.is_some() {
                 "the profile's sha256 pin".to_string()
             } else {
                 format!("the hash recorded in {lock}")
             };
-            Finding::pass(id, format!("sha256 matches {source}"), format!("sha256 {actual}"))
+            Finding::pass(
+                id,
+                format!("sha256 matches {source}"),
+                format!("sha256 {actual}"),
+            )
         }
         Expected::Pin(e) => Finding::fail(
             id,
@@ -238,7 +248,9 @@ fn checksum(
         ),
         Expected::None => Finding::warn(
             id,
-            format!("{what} cannot be verified: no sha256 pin in the profile and no lock file entry"),
+            format!(
+                "{what} cannot be verified: no sha256 pin in the profile and no lock file entry"
+            ),
             format!(
                 "actual sha256 {actual}. Neither the profile pins a hash nor does {lock} record \
                  one (setup writes it when it installs the file)."
@@ -259,16 +271,15 @@ pub fn chv_checksum(ctx: &Context, f: &Facts) -> Finding {
             chv_get(ctx, f),
         );
     };
-    checksum(
-        ID,
-        "cloud-hypervisor",
-        a,
-        ch.sha256.as_ref().map(|s| s.0.as_str()),
-        lockfile::CLOUD_HYPERVISOR,
-        &ch.url.0,
-        "0755",
-        f,
-    )
+    let subject = Subject {
+        id: ID,
+        what: "cloud-hypervisor",
+        pin: ch.sha256.as_ref().map(|s| s.0.as_str()),
+        key: lockfile::CLOUD_HYPERVISOR,
+        url: &ch.url.0,
+        mode: "0755",
+    };
+    checksum(&subject, a, f)
 }
 
 pub fn firmware_file(ctx: &Context, f: &Facts) -> Finding {
@@ -290,16 +301,15 @@ pub fn firmware_file(ctx: &Context, f: &Facts) -> Finding {
             download(&a.path, &fw.url.0, "0644"),
         );
     }
-    checksum(
-        ID,
-        "firmware",
-        a,
-        fw.sha256.as_ref().map(|s| s.0.as_str()),
-        lockfile::FIRMWARE,
-        &fw.url.0,
-        "0644",
-        f,
-    )
+    let subject = Subject {
+        id: ID,
+        what: "firmware",
+        pin: fw.sha256.as_ref().map(|s| s.0.as_str()),
+        key: lockfile::FIRMWARE,
+        url: &fw.url.0,
+        mode: "0644",
+    };
+    checksum(&subject, a, f)
 }
 
 pub fn firmware_boot_mode(_ctx: &Context, f: &Facts) -> Finding {
@@ -343,7 +353,11 @@ pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
         }
         None => return Finding::skip(ID, "not checked", "", "chvkit doctor --only kernel"),
     };
-    let src = if k.from_env { "CHV_KERNEL_PATH" } else { "kernel.path" };
+    let src = if k.from_env {
+        "CHV_KERNEL_PATH"
+    } else {
+        "kernel.path"
+    };
     let pvm = if f.cpu.as_ref().is_some_and(|c| c.pvm) {
         " On this PVM host only a kernel built for PVM guests runs (see cpu.virtualization)."
     } else {
@@ -354,7 +368,10 @@ pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
             ID,
             format!("{} ({src}) not found", k.path.display()),
             format!("The guest kernel for direct boot must be a readable file.{pvm}"),
-            format!("ls -l {}   # or point {src} at an existing kernel", k.path.display()),
+            format!(
+                "ls -l {}   # or point {src} at an existing kernel",
+                k.path.display()
+            ),
         );
     }
     match &k.image {
@@ -381,7 +398,10 @@ pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
                 "Cloud Hypervisor boots an ELF vmlinux only through its Xen PVH entry point \
                  (CONFIG_PVH=y). Use the compressed bzImage of the same build instead.{pvm}"
             ),
-            format!("export CHV_KERNEL_PATH=/path/to/bzImage   # instead of {}", k.path.display()),
+            format!(
+                "export CHV_KERNEL_PATH=/path/to/bzImage   # instead of {}",
+                k.path.display()
+            ),
         ),
         Some(Ok(KernelImage::ElfUnsupported)) => Finding::fail(
             ID,
@@ -447,7 +467,11 @@ pub fn tools_rootfs(_ctx: &Context, f: &Facts) -> Finding {
         format!(
             "`chvkit rootfs` needs buildah, skopeo, umoci and mkfs.ext4 (e2fsprogs); VMs run \
              without them. Found: {}.",
-            if found.is_empty() { "none".to_string() } else { found.join(", ") }
+            if found.is_empty() {
+                "none".to_string()
+            } else {
+                found.join(", ")
+            }
         ),
         format!("{installer} {}", packages.join(" ")),
     )

@@ -96,8 +96,11 @@ fn artifact(path: PathBuf, hash: bool, version: bool) -> Artifact {
                 })
             })
         });
-        let h = (hash && file.is_file)
-            .then(|| timed("sha256", || files::sha256_file(&path).map_err(|e| e.to_string())));
+        let h = (hash && file.is_file).then(|| {
+            timed("sha256", || {
+                files::sha256_file(&path).map_err(|e| e.to_string())
+            })
+        });
         let v = v.and_then(|j| j.join().ok());
         (h, v)
     });
@@ -135,25 +138,27 @@ impl Facts {
         };
         std::thread::scope(|s| {
             // Files: hashing a ~4 MiB binary and running it are the slowest reads.
-            let files_job = (has(need::CHV) || has(need::FIRMWARE) || has(need::LOCK))
-                .then(|| {
-                    s.spawn(|| {
-                        let chv = has(need::CHV).then(|| {
-                            timed("cloud-hypervisor binary", || {
-                                artifact(chv_path, has(need::CHV_HASH), has(need::CHV_VERSION))
-                            })
-                        });
-                        let fw = has(need::FIRMWARE)
-                            .then(|| timed("firmware", || artifact(fw_path, true, false)));
-                        let lock = has(need::LOCK).then(|| {
-                            ArtifactLock::load(&lock_path).map_err(|e| e.to_string())
-                        });
-                        (chv, fw, lock)
-                    })
-                });
+            let files_job = (has(need::CHV) || has(need::FIRMWARE) || has(need::LOCK)).then(|| {
+                s.spawn(|| {
+                    let chv = has(need::CHV).then(|| {
+                        timed("cloud-hypervisor binary", || {
+                            artifact(chv_path, has(need::CHV_HASH), has(need::CHV_VERSION))
+                        })
+                    });
+                    let fw = has(need::FIRMWARE)
+                        .then(|| timed("firmware", || artifact(fw_path, true, false)));
+                    let lock = has(need::LOCK)
+                        .then(|| ArtifactLock::load(&lock_path).map_err(|e| e.to_string()));
+                    (chv, fw, lock)
+                })
+            });
             // Destroying the probe VM waits for an RCU grace period (up to milliseconds).
             let kvm_job = has(need::KVM).then(|| {
-                s.spawn(|| timed("/dev/kvm", || KvmFacts::probe(std::path::Path::new(DEV_KVM))))
+                s.spawn(|| {
+                    timed("/dev/kvm", || {
+                        KvmFacts::probe(std::path::Path::new(DEV_KVM))
+                    })
+                })
             });
             let tools_job = has(need::TOOLS)
                 .then(|| s.spawn(|| timed("rootfs tools", || tools::probe(ROOTFS_TOOLS))));
@@ -178,7 +183,8 @@ impl Facts {
                         .then(|| files::sniff_kernel(&path).map_err(|e| e.to_string()));
                     Kernel {
                         path,
-                        from_env: std::env::var_os("CHV_KERNEL_PATH").is_some_and(|v| !v.is_empty()),
+                        from_env: std::env::var_os("CHV_KERNEL_PATH")
+                            .is_some_and(|v| !v.is_empty()),
                         file,
                         image,
                     }

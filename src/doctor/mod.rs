@@ -41,25 +41,65 @@ type CheckFn = fn(&Context, &Facts) -> Finding;
 
 /// Every check in output order, with the facts it needs.
 pub const CHECKS: &[(&str, u32, CheckFn)] = &[
-    ("kvm.device", need::KVM | need::CPU, |_, f| system::device(f)),
+    ("kvm.device", need::KVM | need::CPU, |_, f| {
+        system::device(f)
+    }),
     ("kvm.access", need::KVM, |_, f| system::access(f)),
-    ("kvm.usable", need::KVM | need::CPU, |_, f| system::usable(f)),
-    ("cpu.virtualization", need::CPU, |_, f| system::cpu_virtualization(f)),
+    ("kvm.usable", need::KVM | need::CPU, |_, f| {
+        system::usable(f)
+    }),
+    ("cpu.virtualization", need::CPU, |_, f| {
+        system::cpu_virtualization(f)
+    }),
     ("chv.binary", need::CHV, artifacts::chv_binary),
-    ("chv.version", need::CHV | need::CHV_VERSION, artifacts::chv_version),
-    ("chv.checksum", need::CHV | need::CHV_HASH | need::LOCK, artifacts::chv_checksum),
-    ("firmware.file", need::FIRMWARE | need::LOCK, artifacts::firmware_file),
-    ("firmware.boot_mode", need::KERNEL, artifacts::firmware_boot_mode),
-    ("kernel.file", need::KERNEL | need::CPU, artifacts::kernel_file),
+    (
+        "chv.version",
+        need::CHV | need::CHV_VERSION,
+        artifacts::chv_version,
+    ),
+    (
+        "chv.checksum",
+        need::CHV | need::CHV_HASH | need::LOCK,
+        artifacts::chv_checksum,
+    ),
+    (
+        "firmware.file",
+        need::FIRMWARE | need::LOCK,
+        artifacts::firmware_file,
+    ),
+    (
+        "firmware.boot_mode",
+        need::KERNEL,
+        artifacts::firmware_boot_mode,
+    ),
+    (
+        "kernel.file",
+        need::KERNEL | need::CPU,
+        artifacts::kernel_file,
+    ),
     ("net.bridge", need::NET, |c, f| Net::new(c, f).bridge()),
-    ("net.bridge_up", need::NET, |c, f| Net::new(c, f).bridge_up()),
-    ("net.bridge_addr", need::NET, |c, f| Net::new(c, f).bridge_addr()),
+    ("net.bridge_up", need::NET, |c, f| {
+        Net::new(c, f).bridge_up()
+    }),
+    ("net.bridge_addr", need::NET, |c, f| {
+        Net::new(c, f).bridge_addr()
+    }),
     ("net.dad", need::NET, |c, f| Net::new(c, f).dad()),
-    ("net.forwarding", need::NET, |c, f| Net::new(c, f).forwarding()),
-    ("net.accept_ra", need::NET, |c, f| Net::new(c, f).accept_ra()),
-    ("net.nat", need::NET | need::NFT, |c, f| Net::new(c, f).nat()),
-    ("net.forward_rules", need::NET | need::NFT, |c, f| Net::new(c, f).forward_rules()),
-    ("net.host_exposure", need::NET | need::NFT, |c, f| Net::new(c, f).host_exposure()),
+    ("net.forwarding", need::NET, |c, f| {
+        Net::new(c, f).forwarding()
+    }),
+    ("net.accept_ra", need::NET, |c, f| {
+        Net::new(c, f).accept_ra()
+    }),
+    ("net.nat", need::NET | need::NFT, |c, f| {
+        Net::new(c, f).nat()
+    }),
+    ("net.forward_rules", need::NET | need::NFT, |c, f| {
+        Net::new(c, f).forward_rules()
+    }),
+    ("net.host_exposure", need::NET | need::NFT, |c, f| {
+        Net::new(c, f).host_exposure()
+    }),
     ("net.taps", need::NET, |c, f| Net::new(c, f).taps()),
     ("tools.rootfs", need::TOOLS, artifacts::tools_rootfs),
 ];
@@ -75,8 +115,10 @@ pub fn selected(id: &str, only: &[String]) -> bool {
 
 /// Run the selected checks and return the report.
 pub fn diagnose(ctx: &Context, only: &[String]) -> Report {
-    let chosen: Vec<&(&str, u32, CheckFn)> =
-        CHECKS.iter().filter(|(id, _, _)| selected(id, only)).collect();
+    let chosen: Vec<&(&str, u32, CheckFn)> = CHECKS
+        .iter()
+        .filter(|(id, _, _)| selected(id, only))
+        .collect();
     let needs = chosen.iter().fold(0, |acc, (_, n, _)| acc | n);
     let facts = Facts::gather(ctx, needs);
     tracing::debug!(
@@ -93,11 +135,11 @@ pub fn diagnose(ctx: &Context, only: &[String]) -> Report {
 }
 
 pub fn run(ctx: &Context, a: DoctorArgs) -> anyhow::Result<i32> {
-    if let Some(bad) = a
-        .only
-        .iter()
-        .find(|p| !CHECKS.iter().any(|(id, _, _)| selected(id, std::slice::from_ref(*p))))
-    {
+    if let Some(bad) = a.only.iter().find(|p| {
+        !CHECKS
+            .iter()
+            .any(|(id, _, _)| selected(id, std::slice::from_ref(*p)))
+    }) {
         let ids: Vec<&str> = CHECKS.iter().map(|(id, _, _)| *id).collect();
         eprintln!(
             "chvkit: doctor: --only `{bad}` matches no check; check ids: {}",
@@ -111,14 +153,18 @@ pub fn run(ctx: &Context, a: DoctorArgs) -> anyhow::Result<i32> {
     if a.json {
         report.write_json(&mut out).context("writing the report")?;
     } else {
-        let colour = stdout.is_terminal()
-            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        let colour =
+            stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         report
             .write_human(&mut out, colour, a.quiet)
             .context("writing the report")?;
     }
     out.flush().context("writing the report")?;
-    Ok(if report.has_fail() { exit::FAILURE } else { exit::OK })
+    Ok(if report.has_fail() {
+        exit::FAILURE
+    } else {
+        exit::OK
+    })
 }
 
 #[cfg(test)]
@@ -144,10 +190,26 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), ids.len());
         for want in [
-            "kvm.device", "kvm.access", "kvm.usable", "cpu.virtualization", "chv.binary",
-            "chv.version", "chv.checksum", "firmware.file", "kernel.file", "net.bridge",
-            "net.bridge_up", "net.bridge_addr", "net.dad", "net.forwarding", "net.accept_ra",
-            "net.nat", "net.forward_rules", "net.taps", "tools.rootfs", "net.host_exposure",
+            "kvm.device",
+            "kvm.access",
+            "kvm.usable",
+            "cpu.virtualization",
+            "chv.binary",
+            "chv.version",
+            "chv.checksum",
+            "firmware.file",
+            "kernel.file",
+            "net.bridge",
+            "net.bridge_up",
+            "net.bridge_addr",
+            "net.dad",
+            "net.forwarding",
+            "net.accept_ra",
+            "net.nat",
+            "net.forward_rules",
+            "net.taps",
+            "tools.rootfs",
+            "net.host_exposure",
         ] {
             assert!(ids.contains(&want), "{want}");
         }

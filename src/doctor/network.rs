@@ -39,7 +39,10 @@ fn sysctl_w(pairs: &[(String, i64)]) -> String {
 
 fn iptables_managed(c: &Chain) -> bool {
     c.family == "ip6"
-        && matches!(c.table.as_str(), "filter" | "nat" | "mangle" | "raw" | "security")
+        && matches!(
+            c.table.as_str(),
+            "filter" | "nat" | "mangle" | "raw" | "security"
+        )
         && c.name.chars().all(|ch| ch.is_ascii_uppercase())
 }
 
@@ -76,7 +79,12 @@ impl<'a> Net<'a> {
                 e.clone(),
                 "chvkit -vv doctor --only net",
             )),
-            None => Err(Finding::skip(id, "not checked", "", "chvkit doctor --only net")),
+            None => Err(Finding::skip(
+                id,
+                "not checked",
+                "",
+                "chvkit doctor --only net",
+            )),
         }
     }
 
@@ -116,7 +124,12 @@ impl<'a> Net<'a> {
                 e.to_string(),
                 "nft list ruleset",
             )),
-            None => Err(Finding::skip(id, "not checked", "", "chvkit doctor --only net")),
+            None => Err(Finding::skip(
+                id,
+                "not checked",
+                "",
+                "chvkit doctor --only net",
+            )),
         }
     }
 
@@ -281,7 +294,10 @@ impl<'a> Net<'a> {
         if a.prefix_len != self.prefix.len {
             return Finding::fail(
                 ID,
-                format!("{a} on {br} has prefix /{}, profile says {want}", a.prefix_len),
+                format!(
+                    "{a} on {br} has prefix /{}, profile says {want}",
+                    a.prefix_len
+                ),
                 "The prefix length decides which addresses are on-link for the host.",
                 readd(&a.to_string()),
             );
@@ -317,12 +333,16 @@ impl<'a> Net<'a> {
             .dad_transmits
             .map(|v| v.to_string())
             .unwrap_or_else(|| "?".into());
-        let values = format!("{br}.accept_dad={br_dad}, all.accept_dad={all_dad}, {br}.dad_transmits={tx}");
+        let values =
+            format!("{br}.accept_dad={br_dad}, all.accept_dad={all_dad}, {br}.dad_transmits={tx}");
         // The kernel skips DAD when both are below 1 (addrconf_dad_begin).
         if br_dad < 1 && all_dad < 1 {
             return Finding::pass(ID, format!("DAD off on {br}"), values);
         }
-        let mut fix = vec![(ipv6_key(br, "accept_dad"), 0), (ipv6_key(br, "dad_transmits"), 0)];
+        let mut fix = vec![
+            (ipv6_key(br, "accept_dad"), 0),
+            (ipv6_key(br, "dad_transmits"), 0),
+        ];
         if all_dad >= 1 {
             fix.push((ipv6_key("all", "accept_dad"), 0));
         }
@@ -381,7 +401,11 @@ impl<'a> Net<'a> {
         const ID: &str = "net.forwarding";
         let all = self.f.sysctl.ipv6_conf("all");
         match all.forwarding {
-            Some(1) => Finding::pass(ID, "IPv6 forwarding is on", "net.ipv6.conf.all.forwarding=1"),
+            Some(1) => Finding::pass(
+                ID,
+                "IPv6 forwarding is on",
+                "net.ipv6.conf.all.forwarding=1",
+            ),
             other => {
                 let mut fix: Vec<(String, i64)> = Vec::new();
                 let mut note = String::new();
@@ -433,7 +457,10 @@ impl<'a> Net<'a> {
                 if keep.is_empty() {
                     String::new()
                 } else {
-                    format!("accept_ra=2 (RAs kept with forwarding on): {}.", keep.join(", "))
+                    format!(
+                        "accept_ra=2 (RAs kept with forwarding on): {}.",
+                        keep.join(", ")
+                    )
                 },
             );
         }
@@ -510,7 +537,10 @@ impl<'a> Net<'a> {
             ct_state: "new",
         };
         let verdicts = judge_hook(rs, "postrouting", Some("nat"), &pkt);
-        if let Some(v) = verdicts.iter().find(|v| matches!(v.outcome, Outcome::Nat(_))) {
+        if let Some(v) = verdicts
+            .iter()
+            .find(|v| matches!(v.outcome, Outcome::Nat(_)))
+        {
             let r = v.explicit().map(|r| r.location()).unwrap_or_default();
             let who = if iptables_managed(v.chain) {
                 "written by ip6tables-nft"
@@ -530,13 +560,19 @@ impl<'a> Net<'a> {
             return Finding::pass(
                 ID,
                 format!("masquerade for {} ({who}: {r})", self.prefix),
-                format!("Probe guest→{INTERNET} out {uplink}: {}.{narrow}", v.describe()),
+                format!(
+                    "Probe guest→{INTERNET} out {uplink}: {}.{narrow}",
+                    v.describe()
+                ),
             );
         }
         let seen: Vec<String> = verdicts.iter().map(|v| v.describe()).collect();
         let unsure = uncertain_note(&verdicts);
         let hint = if self.iptables() {
-            let args = format!("POSTROUTING -s {} ! -o {} -j MASQUERADE", self.prefix, self.br);
+            let args = format!(
+                "POSTROUTING -s {} ! -o {} -j MASQUERADE",
+                self.prefix, self.br
+            );
             format!("ip6tables -t nat -C {args} 2>/dev/null || ip6tables -t nat -A {args}")
         } else {
             let t = self.table();
@@ -553,7 +589,11 @@ impl<'a> Net<'a> {
                  back from the internet. IPv6 NAT chains: {}.{unsure} Rules of ip6tables-legacy \
                  are not visible to nftables. {SETUP_NOTE}",
                 self.prefix,
-                if seen.is_empty() { "none".to_string() } else { seen.join("; ") }
+                if seen.is_empty() {
+                    "none".to_string()
+                } else {
+                    seen.join("; ")
+                }
             ),
             hint,
         )
@@ -570,7 +610,10 @@ impl<'a> Net<'a> {
                 ));
             }
             if out {
-                v.push(format!("ip6tables -t {} -I {} -i {br} -j ACCEPT", chain.table, chain.name));
+                v.push(format!(
+                    "ip6tables -t {} -I {} -i {br} -j ACCEPT",
+                    chain.table, chain.name
+                ));
             }
         } else {
             let spec = chain.spec();
@@ -641,7 +684,11 @@ impl<'a> Net<'a> {
                 .and_then(|b| b.get(i))
                 .is_some_and(|b| !b.passes());
             if out_blocked || back_blocked || bridged_blocked {
-                fixes.extend(self.forward_fix_for(v.chain, out_blocked || bridged_blocked, back_blocked));
+                fixes.extend(self.forward_fix_for(
+                    v.chain,
+                    out_blocked || bridged_blocked,
+                    back_blocked,
+                ));
             }
             if out_blocked {
                 reasons.push(format!("guest→internet: {}", v.describe()));
@@ -694,11 +741,7 @@ impl<'a> Net<'a> {
             return Finding::pass(
                 ID,
                 format!("forwarding accepts from {br} and related/established to it"),
-                format!(
-                    "in: {}; back: {}.{brnf_note}",
-                    o.location(),
-                    b.location()
-                ),
+                format!("in: {}; back: {}.{brnf_note}", o.location(), b.location()),
             );
         }
         let mut missing = Vec::new();
@@ -715,7 +758,8 @@ impl<'a> Net<'a> {
                 v.push(format!("ip6tables -C {a} 2>/dev/null || ip6tables -A {a}"));
             }
             if back_rule.is_none() {
-                let a = format!("FORWARD -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT");
+                let a =
+                    format!("FORWARD -o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT");
                 v.push(format!("ip6tables -C {a} 2>/dev/null || ip6tables -A {a}"));
             }
             v.join("; ")
@@ -779,7 +823,10 @@ impl<'a> Net<'a> {
                 .filter(|v| !v.passes())
                 .map(|v| {
                     if iptables_managed(v.chain) {
-                        format!("ip6tables -I {} -i {br} -p ipv6-icmp -j ACCEPT", v.chain.name)
+                        format!(
+                            "ip6tables -I {} -i {br} -p ipv6-icmp -j ACCEPT",
+                            v.chain.name
+                        )
                     } else {
                         format!(
                             "nft 'insert rule {} iifname \"{br}\" meta l4proto ipv6-icmp accept'",
@@ -788,7 +835,11 @@ impl<'a> Net<'a> {
                     }
                 })
                 .collect();
-            let why: Vec<String> = icmp_v.iter().filter(|v| !v.passes()).map(|v| v.describe()).collect();
+            let why: Vec<String> = icmp_v
+                .iter()
+                .filter(|v| !v.passes())
+                .map(|v| v.describe())
+                .collect();
             return Finding::fail(
                 ID,
                 format!("ICMPv6 from {br} to the host is dropped"),
@@ -830,8 +881,16 @@ impl<'a> Net<'a> {
         let listed = self.accepted_ports(rs);
         let allowed_note = format!(
             "Profile host_ports: {}. Ports accepted for {br} by rules: {}.",
-            if profile_ports.is_empty() { "none".to_string() } else { profile_ports.join(", ") },
-            if listed.is_empty() { "none".to_string() } else { listed.join(", ") }
+            if profile_ports.is_empty() {
+                "none".to_string()
+            } else {
+                profile_ports.join(", ")
+            },
+            if listed.is_empty() {
+                "none".to_string()
+            } else {
+                listed.join(", ")
+            }
         );
         if open.is_empty() {
             let by = closed.first().map(|(_, b)| b.clone()).unwrap_or_default();
@@ -880,7 +939,11 @@ impl<'a> Net<'a> {
                     if let Operand::Payload { protocol, field } = &m.left {
                         if field == "dport" && !m.negated() {
                             for (a, b) in rs.resolve(reached.rule, &m.right).ports() {
-                                let p = if a == b { a.to_string() } else { format!("{a}-{b}") };
+                                let p = if a == b {
+                                    a.to_string()
+                                } else {
+                                    format!("{a}-{b}")
+                                };
                                 let s = format!("{protocol}/{p}");
                                 if !out.contains(&s) {
                                     out.push(s);
@@ -912,8 +975,12 @@ impl<'a> Net<'a> {
                 format!("ip6tables -A {c} -p ipv6-icmp -j ACCEPT"),
             ];
             for p in &ports {
-                v.push(format!("ip6tables -A {c} -p tcp -m tcp --dport {p} -j ACCEPT"));
-                v.push(format!("ip6tables -A {c} -p udp -m udp --dport {p} -j ACCEPT"));
+                v.push(format!(
+                    "ip6tables -A {c} -p tcp -m tcp --dport {p} -j ACCEPT"
+                ));
+                v.push(format!(
+                    "ip6tables -A {c} -p udp -m udp --dport {p} -j ACCEPT"
+                ));
             }
             v.push(format!("ip6tables -A {c} -j DROP"));
             v.push(format!(

@@ -294,7 +294,11 @@ fn l4_tri(v: &Value, proto: Option<&str>) -> Tri {
     });
     if hit {
         Tri::Yes
-    } else if v.members().iter().all(|m| matches!(m, Value::Str(_) | Value::Num(_))) {
+    } else if v
+        .members()
+        .iter()
+        .all(|m| matches!(m, Value::Str(_) | Value::Num(_)))
+    {
         Tri::No
     } else {
         Tri::Maybe
@@ -403,10 +407,16 @@ mod tests {
             Outcome::Nat(_)
         ));
         p.oif = Some("chvbr0");
-        assert_eq!(judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome, Outcome::Policy);
+        assert_eq!(
+            judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome,
+            Outcome::Policy
+        );
         p.oif = Some("eth0");
         p.saddr = Some(("fd00::".parse().unwrap(), 16));
-        assert_eq!(judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome, Outcome::Policy);
+        assert_eq!(
+            judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome,
+            Outcome::Policy
+        );
     }
 
     #[test]

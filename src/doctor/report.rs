@@ -175,7 +175,11 @@ impl Report {
             if quiet && c.level == Level::Pass {
                 continue;
             }
-            let (on, off) = if colour { (c.level.colour(), reset) } else { ("", "") };
+            let (on, off) = if colour {
+                (c.level.colour(), reset)
+            } else {
+                ("", "")
+            };
             writeln!(
                 out,
                 "{on}{:<4}{off}  {:<width$}  {}",
@@ -251,7 +255,12 @@ mod tests {
             None,
             vec![
                 Finding::pass("kvm.device", "present", "char 10:232"),
-                Finding::fail("net.bridge", "chvbr0 missing", "no link", "ip link add chvbr0 type bridge"),
+                Finding::fail(
+                    "net.bridge",
+                    "chvbr0 missing",
+                    "no link",
+                    "ip link add chvbr0 type bridge",
+                ),
                 Finding::warn("cpu.virtualization", "PVM", "line1\nline2", "export X=1"),
             ],
         )
@@ -268,7 +277,15 @@ mod tests {
     fn counts_and_json() {
         let r = report();
         assert!(r.has_fail());
-        assert_eq!(r.summary, Counts { pass: 1, warn: 1, fail: 1, skip: 0 });
+        assert_eq!(
+            r.summary,
+            Counts {
+                pass: 1,
+                warn: 1,
+                fail: 1,
+                skip: 0
+            }
+        );
         let mut v = Vec::new();
         r.write_json(&mut v).unwrap();
         let j: serde_json::Value = serde_json::from_slice(&v).unwrap();

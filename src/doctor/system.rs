@@ -27,7 +27,11 @@ pub fn device(f: &Facts) -> Finding {
         let detail = match cpu {
             Some(c) if c.hardware_virt() => format!(
                 "The CPU has {} but no KVM module provides /dev/kvm.",
-                if c.vmx { "vmx (Intel VT-x)" } else { "svm (AMD-V)" }
+                if c.vmx {
+                    "vmx (Intel VT-x)"
+                } else {
+                    "svm (AMD-V)"
+                }
             ),
             Some(c) if c.hypervisor => "This machine is a VM whose hypervisor exposes no vmx/svm: \
                 enable nested virtualization for it on its host (or pick an instance type that \
@@ -49,7 +53,10 @@ pub fn device(f: &Facts) -> Finding {
             ID,
             format!("{} is not a character device", k.path.display()),
             "Something replaced the device node with a regular file or directory.",
-            format!("rm -rf {0} && mknod -m 0660 {0} c 10 232 && chgrp kvm {0}", k.path.display()),
+            format!(
+                "rm -rf {0} && mknod -m 0660 {0} c 10 232 && chgrp kvm {0}",
+                k.path.display()
+            ),
         );
     }
     Finding::pass(
@@ -65,10 +72,7 @@ fn owner_mode(k: &KvmFacts) -> String {
         .clone()
         .or_else(|| k.gid.map(|g| g.to_string()))
         .unwrap_or_else(|| "?".into());
-    format!(
-        "mode {:04o}, group {group}",
-        k.mode.unwrap_or(0)
-    )
+    format!("mode {:04o}, group {group}", k.mode.unwrap_or(0))
 }
 
 pub fn access(f: &Facts) -> Finding {
@@ -180,7 +184,10 @@ pub fn usable(f: &Facts) -> Finding {
                  host."
                     .to_string()
             },
-            format!("dmesg | grep -i kvm; modprobe -r {0}; modprobe {0}", kvm_module(f.cpu.as_ref())),
+            format!(
+                "dmesg | grep -i kvm; modprobe -r {0}; modprobe {0}",
+                kvm_module(f.cpu.as_ref())
+            ),
         ),
         _ => Finding::pass(
             ID,
@@ -213,7 +220,11 @@ pub fn cpu_virtualization(f: &Facts) -> Finding {
         );
     }
     if c.hardware_virt() {
-        let kind = if c.vmx { "vmx (Intel VT-x)" } else { "svm (AMD-V)" };
+        let kind = if c.vmx {
+            "vmx (Intel VT-x)"
+        } else {
+            "svm (AMD-V)"
+        };
         let nested = if c.hypervisor {
             " Running as a guest of another hypervisor (nested virtualization)."
         } else {

@@ -332,7 +332,11 @@ mod tests {
     #[test]
     fn elf_pvh_and_not() {
         let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4]);
-        notes.extend(note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &0x100_0000u32.to_le_bytes()));
+        notes.extend(note(
+            b"Xen\0",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x100_0000u32.to_le_bytes(),
+        ));
         assert_eq!(sniff(&elf_with_notes(&notes)), KernelImage::ElfPvh);
         let other = note(b"Xen\0", 5, b"xen-3.0\0");
         assert_eq!(sniff(&elf_with_notes(&other)), KernelImage::ElfNoPvh);
@@ -346,7 +350,9 @@ mod tests {
         assert_eq!(sniff(b"hello"), KernelImage::Unknown);
         assert_eq!(sniff(b""), KernelImage::Unknown);
         // Truncated note headers do not panic.
-        assert!(!has_xen_pvh_note(&[4, 0, 0, 0, 0, 0, 0, 0, 18, 0, 0, 0, b'X']));
+        assert!(!has_xen_pvh_note(&[
+            4, 0, 0, 0, 0, 0, 0, 0, 18, 0, 0, 0, b'X'
+        ]));
     }
 
     #[test]

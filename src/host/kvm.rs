@@ -32,8 +32,12 @@ impl UserIdentity {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
         if uid == 0 {
-            let sudo_uid = std::env::var("SUDO_UID").ok().and_then(|s| s.parse::<u32>().ok());
-            let sudo_gid = std::env::var("SUDO_GID").ok().and_then(|s| s.parse::<u32>().ok());
+            let sudo_uid = std::env::var("SUDO_UID")
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok());
+            let sudo_gid = std::env::var("SUDO_GID")
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok());
             if let (Some(u), Some(g)) = (sudo_uid, sudo_gid) {
                 if u != 0 {
                     let name = std::env::var("SUDO_USER").ok();
@@ -78,7 +82,9 @@ impl UserIdentity {
     }
 
     pub fn display_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("uid {}", self.uid))
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("uid {}", self.uid))
     }
 }
 
@@ -129,7 +135,11 @@ impl KvmFacts {
             .ok()
             .flatten()
             .map(|g| g.name);
-        let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
             Ok(file) => file,
             Err(e) => {
                 f.open = Err(e.to_string());

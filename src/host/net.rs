@@ -295,7 +295,10 @@ impl NetSnapshot {
 
 /// Look one link up by name with a full dump (for callers that need nothing else).
 pub fn link_by_name(name: &str) -> Result<Option<Link>, NetError> {
-    Ok(NetSnapshot::read()?.links.into_iter().find(|l| l.name == name))
+    Ok(NetSnapshot::read()?
+        .links
+        .into_iter()
+        .find(|l| l.name == name))
 }
 
 struct Netlink {
@@ -344,12 +347,13 @@ impl Netlink {
             let mut off = 0;
             while off < n {
                 let bytes = &self.buf[off..n];
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(
-                    |e| NetError::Decode {
-                        what,
-                        message: e.to_string(),
-                    },
-                )?;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        NetError::Decode {
+                            what,
+                            message: e.to_string(),
+                        }
+                    })?;
                 let len = msg.header.length as usize;
                 if len == 0 {
                     break;
@@ -491,7 +495,10 @@ fn link_from(m: LinkMessage) -> Link {
 /// Decode `IFLA_TUN_*` attributes, given as `(type, payload)` pairs.
 pub fn tun_from_raw<'a>(attrs: impl IntoIterator<Item = (u16, &'a [u8])>) -> TunInfo {
     let u8_of = |v: &[u8]| v.first().copied();
-    let u32_of = |v: &[u8]| v.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    let u32_of = |v: &[u8]| {
+        v.get(..4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let mut t = TunInfo::default();
     for (kind, v) in attrs {
         match kind {
@@ -636,6 +643,9 @@ mod tests {
         let s = NetSnapshot::read().expect("netlink dump");
         let lo = s.link("lo").expect("lo exists");
         assert!(lo.loopback);
-        assert_eq!(s.link_by_index(lo.index).map(|l| l.name.as_str()), Some("lo"));
+        assert_eq!(
+            s.link_by_index(lo.index).map(|l| l.name.as_str()),
+            Some("lo")
+        );
     }
 }

@@ -103,7 +103,10 @@ pub enum Value {
     Str(String),
     Num(i64),
     Bool(bool),
-    Prefix { addr: String, len: u8 },
+    Prefix {
+        addr: String,
+        len: u8,
+    },
     Range(Box<Value>, Box<Value>),
     /// An anonymous set `{ a, b }` or a flag list (`ct state established,related`).
     Set(Vec<Value>),
@@ -119,7 +122,10 @@ impl Value {
                 Some(name) => Value::SetRef(name.to_string()),
                 None => Value::Str(s.clone()),
             },
-            Json::Number(n) => n.as_i64().map(Value::Num).unwrap_or(Value::Other(j.clone())),
+            Json::Number(n) => n
+                .as_i64()
+                .map(Value::Num)
+                .unwrap_or(Value::Other(j.clone())),
             Json::Bool(b) => Value::Bool(*b),
             Json::Array(a) => Value::Set(a.iter().map(Value::from_json).collect()),
             Json::Object(o) => {
@@ -221,7 +227,10 @@ pub enum Operand {
     /// `meta iifname`, `meta oifname`, `meta l4proto`, ...
     Meta(String),
     /// `ip6 saddr`, `tcp dport`, `th dport`, ...
-    Payload { protocol: String, field: String },
+    Payload {
+        protocol: String,
+        field: String,
+    },
     /// `ct state`, ...
     Ct(String),
     Other(String),
@@ -440,8 +449,9 @@ impl Ruleset {
                 let ctx = lib.context()?;
                 let json = ctx.run("list ruleset", OUTPUT_JSON | OUTPUT_STATELESS)?;
                 let mut rs = Ruleset::from_json(&json, Source::Library)?;
-                if rs.has_xt() {
-                    let text = ctx.run("list ruleset", OUTPUT_HANDLE | OUTPUT_STATELESS)?;
+                for (family, table) in rs.tables_with_xt_matches() {
+                    let cmd = format!("list table {family} {table}");
+                    let text = ctx.run(&cmd, OUTPUT_HANDLE | OUTPUT_STATELESS)?;
                     rs.attach_xt_text(&text);
                 }
                 Ok(rs)
@@ -449,8 +459,8 @@ impl Ruleset {
             None => {
                 let json = run_nft(&["-j", "list", "ruleset"])?;
                 let mut rs = Ruleset::from_json(&json, Source::NftCommand)?;
-                if rs.has_xt() {
-                    let text = run_nft(&["-a", "-s", "list", "ruleset"])?;
+                for (family, table) in rs.tables_with_xt_matches() {
+                    let text = run_nft(&["-a", "-s", "list", "table", &family, &table])?;
                     rs.attach_xt_text(&text);
                 }
                 Ok(rs)
@@ -522,10 +532,28 @@ impl Ruleset {
         Ok(rs)
     }
 
-    fn has_xt(&self) -> bool {
+    /// Whether any rule uses an xtables extension (written by iptables-nft).
+    pub fn has_xt(&self) -> bool {
         self.rules
             .iter()
             .any(|r| r.stmts.iter().any(|s| matches!(s, Stmt::Xt { .. })))
+    }
+
+    /// Tables holding xtables *matches*, whose text must be listed to understand them (an xt
+    /// target is fully described by its name).
+    fn tables_with_xt_matches(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = Vec::new();
+        for r in &self.rules {
+            let has = r
+                .stmts
+                .iter()
+                .any(|s| matches!(s, Stmt::Xt { kind, .. } if kind == "match"));
+            let key = (r.family.clone(), r.table.clone());
+            if has && !v.contains(&key) {
+                v.push(key);
+            }
+        }
+        v
     }
 
     /// Fill in the text of xt statements from a `list ruleset` text listing with handles.
@@ -689,7 +717,10 @@ fn stmt_from_json(j: &Json) -> Stmt {
                     .and_then(Json::as_str)
                     .unwrap_or("==")
                     .to_string(),
-                right: body.get("right").map(Value::from_json).unwrap_or(Value::Other(Json::Null)),
+                right: body
+                    .get("right")
+                    .map(Value::from_json)
+                    .unwrap_or(Value::Other(Json::Null)),
             })
         }
         "accept" => Stmt::Accept,
@@ -855,7 +886,9 @@ impl Library {
             let set_output_flags = *lib.get::<SetFlagsFn>(b"nft_ctx_output_set_flags\0").ok()?;
             let buffer_output = *lib.get::<BufferFn>(b"nft_ctx_buffer_output\0").ok()?;
             let buffer_error = *lib.get::<BufferFn>(b"nft_ctx_buffer_error\0").ok()?;
-            let get_output = *lib.get::<GetBufferFn>(b"nft_ctx_get_output_buffer\0").ok()?;
+            let get_output = *lib
+                .get::<GetBufferFn>(b"nft_ctx_get_output_buffer\0")
+                .ok()?;
             let get_error = *lib.get::<GetBufferFn>(b"nft_ctx_get_error_buffer\0").ok()?;
             let run_cmd = *lib.get::<RunFn>(b"nft_run_cmd_from_buffer\0").ok()?;
             Some(Library {
@@ -949,6 +982,10 @@ mod tests {
     fn parses_iptables_nft_rules() {
         let mut rs = Ruleset::from_json(IPTABLES_NFT, Source::Library).unwrap();
         assert!(rs.has_xt());
+        assert_eq!(
+            rs.tables_with_xt_matches(),
+            vec![("ip6".to_string(), "filter".to_string())]
+        );
         rs.attach_xt_text(IPTABLES_NFT_TEXT);
         assert!(rs.table_exists("ip6", "nat"));
         let post = rs.ipv6_base_chains("postrouting").next().unwrap();
@@ -966,7 +1003,10 @@ mod tests {
         let rules: Vec<_> = rs.rules_of(fwd).collect();
         assert!(rules[0].accepts());
         let em = rules[1].effective_matches();
-        let ct = em.iter().find(|m| m.is_ct("state")).expect("ct state decoded");
+        let ct = em
+            .iter()
+            .find(|m| m.is_ct("state"))
+            .expect("ct state decoded");
         assert_eq!(ct.right.strings(), vec!["related", "established"]);
         assert_eq!(rules[1].opaque_xt().count(), 0);
     }
@@ -1043,7 +1083,10 @@ mod tests {
 
     #[test]
     fn empty_and_bad_json() {
-        assert!(Ruleset::from_json("", Source::Library).unwrap().rules.is_empty());
+        assert!(Ruleset::from_json("", Source::Library)
+            .unwrap()
+            .rules
+            .is_empty());
         assert!(Ruleset::from_json("{}", Source::Library).is_err());
         assert!(Ruleset::from_json("{", Source::Library).is_err());
     }

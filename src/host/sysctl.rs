@@ -123,8 +123,14 @@ mod tests {
 
     #[test]
     fn keys() {
-        assert_eq!(ipv6_key("chvbr0", "accept_dad"), "net.ipv6.conf.chvbr0.accept_dad");
-        assert_eq!(ipv6_key("eth0.10", "accept_ra"), "net/ipv6/conf/eth0.10/accept_ra");
+        assert_eq!(
+            ipv6_key("chvbr0", "accept_dad"),
+            "net.ipv6.conf.chvbr0.accept_dad"
+        );
+        assert_eq!(
+            ipv6_key("eth0.10", "accept_ra"),
+            "net/ipv6/conf/eth0.10/accept_ra"
+        );
     }
 
     #[test]

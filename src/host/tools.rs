@@ -142,10 +142,26 @@ mod tests {
     #[test]
     fn dpkg_list_ownership() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("e2fsprogs.list"), "/.\n/sbin\n/sbin/mkfs.ext4\n").unwrap();
-        assert!(dpkg_owns(d.path(), "e2fsprogs", Path::new("/usr/sbin/mkfs.ext4")));
-        assert!(!dpkg_owns(d.path(), "e2fsprogs", Path::new("/usr/local/sbin/mkfs.ext4")));
-        assert!(!dpkg_owns(d.path(), "buildah", Path::new("/usr/bin/buildah")));
+        std::fs::write(
+            d.path().join("e2fsprogs.list"),
+            "/.\n/sbin\n/sbin/mkfs.ext4\n",
+        )
+        .unwrap();
+        assert!(dpkg_owns(
+            d.path(),
+            "e2fsprogs",
+            Path::new("/usr/sbin/mkfs.ext4")
+        ));
+        assert!(!dpkg_owns(
+            d.path(),
+            "e2fsprogs",
+            Path::new("/usr/local/sbin/mkfs.ext4")
+        ));
+        assert!(!dpkg_owns(
+            d.path(),
+            "buildah",
+            Path::new("/usr/bin/buildah")
+        ));
     }
 
     #[test]

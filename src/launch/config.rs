@@ -333,17 +333,11 @@ pub fn resolve(ctx: &Context, a: &LaunchArgs, job_id: &str) -> Result<LaunchSpec
         ));
     }
 
-    let mut env = vec![
-        (
-            "CHECKER_API_URL".to_string(),
-            a.api_url
-                .clone()
-                .unwrap_or_else(|| p.network.api_url.to_string()),
-        ),
-        ("CHECKER_JOB_ID".to_string(), job_id.to_string()),
-        ("CHECKER_GUEST_IP".to_string(), identity.ip_cidr()),
-        ("CHECKER_GATEWAY".to_string(), identity.gateway.to_string()),
-    ];
+    let api_url = a
+        .api_url
+        .clone()
+        .unwrap_or_else(|| p.network.api_url.to_string());
+    let mut env = checker_env(&identity, &api_url);
     for kv in &a.env {
         let (k, v) = crate::envfile::parse_pair(kv)
             .map_err(|e| ConfigError::Invalid(format!("--env: {e}")))?;
@@ -354,7 +348,6 @@ pub fn resolve(ctx: &Context, a: &LaunchArgs, job_id: &str) -> Result<LaunchSpec
         }
         env.push((k, v));
     }
-    let api_url = env[0].1.clone();
 
     let timeout = a
         .timeout
@@ -385,6 +378,16 @@ pub fn resolve(ctx: &Context, a: &LaunchArgs, job_id: &str) -> Result<LaunchSpec
         grace,
         landlock_write_dirs,
     })
+}
+
+/// The variables chvkit always puts in the guest's `/etc/checker.env` (then `--env` pairs).
+pub fn checker_env(identity: &Identity, api_url: &str) -> Vec<(String, String)> {
+    vec![
+        ("CHECKER_API_URL".to_string(), api_url.to_string()),
+        ("CHECKER_JOB_ID".to_string(), identity.job_id.clone()),
+        ("CHECKER_GUEST_IP".to_string(), identity.ip_cidr()),
+        ("CHECKER_GATEWAY".to_string(), identity.gateway.to_string()),
+    ]
 }
 
 /// The guest gateway, for messages.

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::disk::BaseSource;
-use super::identity::{self, Identity};
+use super::identity;
 use super::rundir::{self, JobLock, JobPaths, JobState};
 use super::{tap, GcArgs};
 use crate::Context;
@@ -45,16 +45,9 @@ pub fn collect_job(ctx: &Context, paths: &JobPaths, dry_run: bool) -> Result<Vec
             }
         }
     }
-    let tap_name = match &state {
-        Some(st) => Some(st.tap.clone()),
-        None => Identity::derive(
-            &paths.job_id,
-            ctx.profile.network.prefix,
-            ctx.profile.network.gateway,
-        )
-        .ok()
-        .map(|i| i.tap),
-    };
+    // Only a TAP a state file records is ours: without one, this job never got as far as
+    // creating it (the state is written first), and a TAP of that name belongs to someone else.
+    let tap_name = state.as_ref().map(|st| st.tap.clone());
     if let Some(t) = tap_name.filter(|t| t.starts_with(identity::TAP_PREFIX)) {
         if tap::status(&t).map_err(|e| e.to_string())?.is_some() {
             let holders = tap::holders(&t);

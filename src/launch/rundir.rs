@@ -295,11 +295,40 @@ impl JobState {
         Ok(st)
     }
 
+    /// Replace the state file atomically (temp + rename). Not fsynced: the run dir lives on
+    /// the runtime dir (tmpfs on a normal host) and means nothing after a reboot, while every
+    /// fsync is milliseconds on the launch path.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let mut text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         text.push(b'\n');
-        crate::fsutil::write_atomic(path, &text, 0o600)
+        replace_file(path, &text, 0o600)
     }
+}
+
+/// Write `data` to a temp file beside `dest` and rename it over `dest` (readers see the old or
+/// the new content, never a mix), without fsync.
+pub fn replace_file(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let r = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        fs::rename(&tmp, dest)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
 }
 
 pub fn now_unix() -> f64 {

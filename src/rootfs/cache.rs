@@ -19,6 +19,43 @@ pub struct Entry {
     pub image_digest: String,
     pub size_bytes: u64,
     pub init_shell: String,
+    /// Outputs written from this entry (latest few), to recognise one unchanged next time.
+    #[serde(default)]
+    pub outputs: Vec<OutStamp>,
+}
+
+/// Identity of a file as written: any later write, chmod or replacement changes the ctime or
+/// the inode, so a match means the file still holds the bytes chvkit put there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutStamp {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl Entry {
+    /// `out` is one of this entry's outputs, untouched since chvkit wrote it.
+    pub fn wrote_unchanged(&self, out: &Path) -> bool {
+        OutStamp::of(out).is_some_and(|now| self.outputs.contains(&now))
+    }
+}
+
+impl OutStamp {
+    pub fn of(path: &Path) -> Option<OutStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(path).ok()?;
+        m.is_file().then(|| OutStamp {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
 }
 
 pub struct Cache {
@@ -80,12 +117,39 @@ impl Cache {
         }
     }
 
-    /// Mark an entry as recently used (eviction is by metadata mtime).
-    pub fn touch(&self, key: &str) {
+    /// Record the output just written from `key` (also marks the entry as recently used,
+    /// eviction being by metadata mtime).
+    pub fn record_output(&self, key: &str, out: &Path) {
         let (_, meta) = self.paths(key);
-        if let Ok(f) = File::options().append(true).open(meta) {
-            let _ = f.set_modified(std::time::SystemTime::now());
+        let Some(mut e) = fs::read(&meta)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Entry>(&b).ok())
+        else {
+            return;
+        };
+        e.outputs.retain(|o| o.path != out);
+        if let Some(stamp) = OutStamp::of(out) {
+            e.outputs.push(stamp);
         }
+        let n = e.outputs.len().saturating_sub(8);
+        e.outputs.drain(..n);
+        if let Ok(json) = serde_json::to_vec_pretty(&e) {
+            let _ = crate::fsutil::write_atomic(&meta, &json, 0o600);
+        }
+    }
+
+    /// The image digest a build context fingerprint produced last time.
+    pub fn context_digest(&self, fingerprint: &str) -> Option<String> {
+        let p = self.dir.join(format!("ctx-{fingerprint}"));
+        let d = fs::read_to_string(p).ok()?;
+        let d = d.trim();
+        d.starts_with("sha256:").then(|| d.to_string())
+    }
+
+    pub fn set_context_digest(&self, fingerprint: &str, digest: &str) {
+        let _ = fs::create_dir_all(&self.dir);
+        let p = self.dir.join(format!("ctx-{fingerprint}"));
+        let _ = crate::fsutil::write_atomic(&p, format!("{digest}\n").as_bytes(), 0o600);
     }
 }
 
@@ -125,9 +189,7 @@ pub fn copy_sparse(src: &Path, dst: &mut File) -> io::Result<()> {
             super::proc::check()?;
             let want = (hole - off_in).min(1 << 30) as usize;
             // SAFETY: offsets are valid pointers to locals; fds are open.
-            let n = unsafe {
-                libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, want, 0)
-            };
+            let n = unsafe { libc::copy_file_range(sfd, &mut off_in, dfd, &mut off_out, want, 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -177,6 +239,7 @@ mod tests {
                 image_digest: "sha256:x".into(),
                 size_bytes: 3,
                 init_shell: "/bin/sh".into(),
+                outputs: vec![],
             };
             c.store(&img, &e).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));

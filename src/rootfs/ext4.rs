@@ -202,10 +202,12 @@ pub fn mkfs_fast(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error>
     f.set_len(o.size_bytes).map_err(io_err(img))?;
     drop(f);
     let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
-        .args(["-O", PORTABLE_FEATURES])
-        .args(["-N", &o.inodes.to_string()])
-        .args(["-E", &extended_opts(o)]);
+    cmd.args([
+        "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
+    ])
+    .args(["-O", PORTABLE_FEATURES])
+    .args(["-N", &o.inodes.to_string()])
+    .args(["-E", &extended_opts(o)]);
     if let Some(l) = &o.label {
         cmd.args(["-L", l]);
     }

@@ -331,7 +331,11 @@ mod tests {
 
     fn wl() -> Workload {
         Workload {
-            args: vec!["/bin/sh".into(), "-c".into(), "echo 'it''s' \"$X\"; exit 3".into()],
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo 'it''s' \"$X\"; exit 3".into(),
+            ],
             env: vec!["PATH=/bin".into(), "X=a b'c".into()],
             cwd: "/work dir".into(),
             uid: 0,

@@ -29,7 +29,11 @@ pub const HOST_BUSYBOX: &str = "/bin/busybox";
 #[derive(Debug, clap::Args)]
 pub struct RootfsArgs {
     /// Build context directory, or a Dockerfile (its directory is the context).
-    #[arg(value_name = "CONTEXT_OR_DOCKERFILE", required_unless_present = "image", conflicts_with = "image")]
+    #[arg(
+        value_name = "CONTEXT_OR_DOCKERFILE",
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
     pub input: Option<PathBuf>,
 
     /// Where to write the raw ext4 image.
@@ -157,8 +161,10 @@ impl Stages {
         } else {
             let pb = indicatif::ProgressBar::new_spinner();
             pb.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} {elapsed}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {prefix:.bold} {wide_msg} {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
             pb.enable_steady_tick(Duration::from_millis(120));
             pb
@@ -172,7 +178,10 @@ impl Stages {
         match &r {
             Ok(_) => {
                 eprintln!("  {name:<8} {secs:>7.2}s  {label}");
-                self.times.push(StageTime { name, seconds: secs });
+                self.times.push(StageTime {
+                    name,
+                    seconds: secs,
+                });
             }
             Err(_) => eprintln!("  {name:<8} failed after {secs:.2}s"),
         }
@@ -186,7 +195,10 @@ enum Source {
         dockerfile: Option<PathBuf>,
     },
     Local(String),
-    Layout { dir: PathBuf, tag: String },
+    Layout {
+        dir: PathBuf,
+        tag: String,
+    },
     Archive(PathBuf),
 }
 
@@ -199,7 +211,10 @@ fn classify(a: &RootfsArgs) -> anyhow::Result<Source> {
             };
             let dir = PathBuf::from(dir);
             if !dir.join("index.json").is_file() {
-                bail!("--image {r}: {} is not an OCI layout (no index.json)", dir.display());
+                bail!(
+                    "--image {r}: {} is not an OCI layout (no index.json)",
+                    dir.display()
+                );
             }
             return Ok(Source::Layout {
                 dir,
@@ -220,8 +235,8 @@ fn classify(a: &RootfsArgs) -> anyhow::Result<Source> {
     let Some(input) = &a.input else {
         bail!("give a build context or Dockerfile, or --image REF");
     };
-    let md = std::fs::metadata(input)
-        .with_context(|| format!("build context {}", input.display()))?;
+    let md =
+        std::fs::metadata(input).with_context(|| format!("build context {}", input.display()))?;
     if md.is_dir() {
         Ok(Source::Dockerfile {
             context: input.clone(),
@@ -264,6 +279,135 @@ fn allocated(p: &Path) -> u64 {
 
 const TAG: &str = "chvkit";
 
+/// A cheap fingerprint of a Dockerfile build's inputs, to recognise an unchanged build without
+/// running buildah (whose layer cache re-hashes the whole context: ~30 s for 300 MB on vfs).
+/// Covers the Dockerfile, build args, pull policy, storage driver, the local image ID of every
+/// `FROM` image, and every context entry's path, type, mode, owner, size, mtime and link
+/// target. `None` (no shortcut) when a `FROM` uses a variable or an image not in local storage.
+fn context_fingerprint(
+    context: &Path,
+    dockerfile: Option<&Path>,
+    a: &RootfsArgs,
+    driver: &str,
+) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let df = match dockerfile {
+        Some(f) if f.is_absolute() || f.exists() => f.to_path_buf(),
+        Some(f) => context.join(f),
+        None => ["Dockerfile", "Containerfile"]
+            .iter()
+            .map(|n| context.join(n))
+            .find(|p| p.is_file())?,
+    };
+    let text = std::fs::read_to_string(&df).ok()?;
+    let mut h = Sha256::new();
+    h.update(format!("{:?}\0{:?}\0{driver}\0", a.build_arg, a.pull).as_bytes());
+    h.update(text.as_bytes());
+    let mut stages: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
+            continue;
+        }
+        let rest: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
+        let image = *rest.first()?;
+        if let (Some(kw), Some(name)) = (rest.get(1), rest.get(2)) {
+            if kw.eq_ignore_ascii_case("AS") {
+                stages.push(name.to_lowercase());
+            }
+        }
+        if image.contains('$') {
+            return None;
+        }
+        if image == "scratch"
+            || stages[..stages.len().saturating_sub(1)].contains(&image.to_lowercase())
+        {
+            continue;
+        }
+        let id = oci::local_image_id(image, driver).ok()??;
+        h.update(format!("FROM {image} {id}\0").as_bytes());
+    }
+    let mut stack = vec![context.to_path_buf()];
+    let mut entries = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()? {
+            let p = e.ok()?.path();
+            let m = std::fs::symlink_metadata(&p).ok()?;
+            let rel = p.strip_prefix(context).ok()?.to_string_lossy().into_owned();
+            let link = if m.file_type().is_symlink() {
+                std::fs::read_link(&p).ok()?.to_string_lossy().into_owned()
+            } else {
+                String::new()
+            };
+            entries.push(format!(
+                "{rel}\0{:o}\0{}\0{}\0{}\0{}.{}\0{link}\n",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            ));
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    entries.sort();
+    for e in entries {
+        h.update(e.as_bytes());
+    }
+    Some(hex::encode(h.finalize()))
+}
+
+/// A cache hit: OUT already holds this image untouched (nothing to do), or gets a copy.
+#[allow(clippy::too_many_arguments)]
+fn serve_hit(
+    a: &RootfsArgs,
+    cache: &cache::Cache,
+    key: &str,
+    raw: &Path,
+    entry: cache::Entry,
+    digest: String,
+    mut out: crate::fsutil::AtomicFile,
+    mut st: Stages,
+    started: Instant,
+) -> anyhow::Result<Summary> {
+    if entry.wrote_unchanged(&a.output) {
+        st.run(
+            "cache",
+            "unchanged image, output already up to date",
+            |_| Ok(()),
+        )?;
+        // The temp file beside OUT is removed on drop.
+        drop(out);
+    } else {
+        st.run(
+            "cache",
+            "unchanged image: copying the cached rootfs",
+            |_| {
+                cache::copy_sparse(raw, out.file()).context("copy the cached image")?;
+                Ok(())
+            },
+        )?;
+        out.commit()
+            .with_context(|| format!("cannot write the output {}", a.output.display()))?;
+    }
+    cache.record_output(key, &a.output);
+    Ok(Summary {
+        output: a.output.clone(),
+        image_digest: digest,
+        size_bytes: entry.size_bytes,
+        allocated_bytes: allocated(&a.output),
+        cache: "hit",
+        init_shell: entry.init_shell,
+        reproducible: a.source_date_epoch.is_some(),
+        stages: st.times,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 /// Everything `run` does, returning the summary.
 pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
     let started = Instant::now();
@@ -283,6 +427,45 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
     };
     let layout = scratch.path().join("oci");
 
+    let headroom = a.headroom;
+    let busybox_id = file_sha256(busybox).unwrap_or_else(|_| "missing".into());
+    let key_for = |digest: &str| {
+        cache::key(&serde_json::json!({
+            "generator": init::GENERATOR_VERSION,
+            "digest": digest,
+            "busybox": busybox_id,
+            "features": ext4::PORTABLE_FEATURES,
+            "size": a.size,
+            "headroom": format!("{headroom:?}"),
+            "epoch": a.source_date_epoch,
+            "chvkit": env!("CARGO_PKG_VERSION"),
+        }))
+    };
+    let cache = cache::Cache::new(
+        ctx.root
+            .path(&ctx.profile.paths.state_dir.0)
+            .join("rootfs-cache"),
+    );
+
+    // 0. An unchanged build context whose image is cached: no buildah run at all.
+    let fingerprint = match &source {
+        Source::Dockerfile {
+            context,
+            dockerfile,
+        } if !a.no_cache && matches!(a.pull, oci::PullPolicy::Missing | oci::PullPolicy::Never) => {
+            context_fingerprint(context, dockerfile.as_deref(), a, driver)
+        }
+        _ => None,
+    };
+    if let Some(fp) = &fingerprint {
+        if let Some(digest) = cache.context_digest(fp) {
+            let key = key_for(&digest);
+            if let Some((raw, entry)) = cache.lookup(&key) {
+                return serve_hit(a, &cache, &key, &raw, entry, digest, out, st, started);
+            }
+        }
+    }
+
     // 1. Build or identify the image; its digest is the cache key's core.
     let (digest, layout_dir, tag) = match &source {
         Source::Dockerfile {
@@ -290,23 +473,27 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
             dockerfile,
         } => {
             let iid = scratch.path().join("iid");
-            let id = st.run("build", &format!("buildah bud {}", context.display()), |pb| {
-                let o = oci::BuildOpts {
-                    context,
-                    dockerfile: dockerfile.as_deref(),
-                    build_args: &a.build_arg,
-                    pull: a.pull,
-                    driver,
-                    no_cache: a.no_cache,
-                    epoch: a.source_date_epoch,
-                    iidfile: &iid,
-                };
-                Ok(oci::build(&o, |l| {
-                    if l.starts_with("STEP") || l.starts_with("-->") {
-                        pb.set_message(l.to_string());
-                    }
-                })?)
-            })?;
+            let id = st.run(
+                "build",
+                &format!("buildah bud {}", context.display()),
+                |pb| {
+                    let o = oci::BuildOpts {
+                        context,
+                        dockerfile: dockerfile.as_deref(),
+                        build_args: &a.build_arg,
+                        pull: a.pull,
+                        driver,
+                        no_cache: a.no_cache,
+                        epoch: a.source_date_epoch,
+                        iidfile: &iid,
+                    };
+                    Ok(oci::build(&o, |l| {
+                        if l.starts_with("STEP") || l.starts_with("-->") {
+                            pb.set_message(l.to_string());
+                        }
+                    })?)
+                },
+            )?;
             (id, None, TAG.to_string())
         }
         Source::Local(r) => {
@@ -332,40 +519,13 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
         }
     };
 
-    let headroom = a.headroom;
-    let busybox_id = file_sha256(busybox).unwrap_or_else(|_| "missing".into());
-    let key = cache::key(&serde_json::json!({
-        "generator": init::GENERATOR_VERSION,
-        "digest": digest,
-        "busybox": busybox_id,
-        "features": ext4::PORTABLE_FEATURES,
-        "size": a.size,
-        "headroom": format!("{headroom:?}"),
-        "epoch": a.source_date_epoch,
-        "chvkit": env!("CARGO_PKG_VERSION"),
-    }));
-    let cache = cache::Cache::new(ctx.root.path(&ctx.profile.paths.state_dir.0).join("rootfs-cache"));
-
+    if let Some(fp) = &fingerprint {
+        cache.set_context_digest(fp, &digest);
+    }
+    let key = key_for(&digest);
     if !a.no_cache {
         if let Some((raw, entry)) = cache.lookup(&key) {
-            st.run("cache", "unchanged image: reusing the cached rootfs", |_| {
-                cache::copy_sparse(&raw, out.file()).context("copy the cached image")?;
-                Ok(())
-            })?;
-            cache.touch(&key);
-            out.commit()
-                .with_context(|| format!("cannot write the output {}", a.output.display()))?;
-            return Ok(Summary {
-                output: a.output.clone(),
-                image_digest: digest,
-                size_bytes: entry.size_bytes,
-                allocated_bytes: allocated(&a.output),
-                cache: "hit",
-                init_shell: entry.init_shell,
-                reproducible: a.source_date_epoch.is_some(),
-                stages: st.times,
-                total_seconds: started.elapsed().as_secs_f64(),
-            });
+            return serve_hit(a, &cache, &key, &raw, entry, digest, out, st, started);
         }
     }
 
@@ -409,10 +569,7 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
 
     // 5. Pack.
     let usage = ext4::tree_usage(&root)?;
-    let (planned, inodes) = ext4::plan_size(
-        usage,
-        headroom.unwrap_or(ext4::Headroom::Percent(20)),
-    );
+    let (planned, inodes) = ext4::plan_size(usage, headroom.unwrap_or(ext4::Headroom::Percent(20)));
     let planned = if headroom.is_none() {
         // Default headroom is 20% but at least 64 MiB.
         planned.max(ext4::plan_size(usage, ext4::Headroom::Bytes(64 << 20)).0)
@@ -461,6 +618,7 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
         image_digest: digest.clone(),
         size_bytes: size,
         init_shell: init_shell.clone(),
+        outputs: vec![],
     };
     st.run("cache", "store a copy in the rootfs cache", |_| {
         if let Err(e) = cache.store(&tmp_img, &entry) {
@@ -472,6 +630,7 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
     proc::check().context("stopped")?;
     out.commit()
         .with_context(|| format!("cannot write the output {}", a.output.display()))?;
+    cache.record_output(&key, &a.output);
     Ok(Summary {
         output: a.output.clone(),
         image_digest: digest,

@@ -246,9 +246,8 @@ pub fn import_archive(archive: &Path, layout: &Path, tag: &str) -> Result<(), Oc
             Err(e) => return Err(e),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        OciError::Input(format!("{}: not an image archive", archive.display()))
-    }))
+    Err(last
+        .unwrap_or_else(|| OciError::Input(format!("{}: not an image archive", archive.display()))))
 }
 
 #[derive(Deserialize)]
@@ -353,11 +352,7 @@ pub fn read_runtime_config(bundle: &Path) -> Result<super::init::Workload, OciEr
     Ok(super::init::Workload {
         args: proc.args,
         // umoci adds TERM=xterm for a terminal; the guest's console is a serial line.
-        env: proc
-            .env
-            .into_iter()
-            .filter(|e| e != "TERM=xterm")
-            .collect(),
+        env: proc.env.into_iter().filter(|e| e != "TERM=xterm").collect(),
         cwd: proc
             .cwd
             .filter(|c| !c.is_empty())

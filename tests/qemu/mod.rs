@@ -39,7 +39,10 @@ pub fn find_kernel() -> Option<Kernel> {
             .to_string_lossy()
             .strip_prefix("vmlinuz-")?
             .to_string();
-        return Some(Kernel { vmlinuz: p, version });
+        return Some(Kernel {
+            vmlinuz: p,
+            version,
+        });
     }
     let mut found: Vec<Kernel> = fs::read_dir("/boot")
         .ok()?
@@ -47,12 +50,12 @@ pub fn find_kernel() -> Option<Kernel> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let v = name.strip_prefix("vmlinuz-")?;
-            (v.ends_with("-cloud-amd64") && Path::new("/lib/modules").join(v).is_dir()).then(
-                || Kernel {
+            (v.ends_with("-cloud-amd64") && Path::new("/lib/modules").join(v).is_dir()).then(|| {
+                Kernel {
                     vmlinuz: e.path(),
                     version: v.to_string(),
-                },
-            )
+                }
+            })
         })
         .collect();
     found.sort_by(|a, b| natural_key(&a.version).cmp(&natural_key(&b.version)));
@@ -69,11 +72,15 @@ fn natural_key(v: &str) -> Vec<u64> {
 pub fn unavailable() -> Option<String> {
     for t in ["qemu-system-x86_64", "modinfo", "cpio", "busybox"] {
         if !have(t) {
-            return Some(format!("`{t}` is not installed (make test-deps installs it)"));
+            return Some(format!(
+                "`{t}` is not installed (make test-deps installs it)"
+            ));
         }
     }
     if find_kernel().is_none() {
-        return Some("no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".into());
+        return Some(
+            "no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".into(),
+        );
     }
     None
 }
@@ -91,7 +98,10 @@ fn modinfo(version: &str, field: Option<&str>, module: &str) -> Result<String, S
         Some(f) => c.args(["-F", f]),
         None => c.arg("-n"),
     };
-    let out = c.arg(module).output().map_err(|e| format!("modinfo: {e}"))?;
+    let out = c
+        .arg(module)
+        .output()
+        .map_err(|e| format!("modinfo: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "modinfo -k {version} {module}: {}",
@@ -209,7 +219,12 @@ pub fn initramfs(k: &Kernel) -> Result<PathBuf, String> {
             h.update(md.len().to_le_bytes());
         }
     }
-    h.update(fs::metadata(busybox).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+    h.update(
+        fs::metadata(busybox)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .to_le_bytes(),
+    );
     let tag = &hex::encode(h.finalize())[..16];
     let dir = std::env::temp_dir().join("chvkit-test-initramfs");
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -261,7 +276,11 @@ pub fn initramfs(k: &Kernel) -> Result<PathBuf, String> {
     if !st.success() {
         return Err("mknod dev/console failed (needs root)".into());
     }
-    let tmp = dir.join(format!(".{}-{tag}.cpio.tmp{}", k.version, std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}-{tag}.cpio.tmp{}",
+        k.version,
+        std::process::id()
+    ));
     let cpio = Command::new("sh")
         .arg("-c")
         .arg("find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 > \"$1\"")
@@ -380,20 +399,22 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
         }
         None => Command::new("qemu-system-x86_64"),
     };
-    c.args(["-machine", "q35,accel=tcg", "-nodefaults", "-no-user-config"])
-        .args(["-display", "none", "-monitor", "none", "-smp", "1"])
-        .args(["-m", &o.memory_mib.to_string()])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-kernel")
-        .arg(&k.vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 root=/dev/vda rw quiet {}",
-            o.append
-        ));
+    c.args([
+        "-machine",
+        "q35,accel=tcg",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-display", "none", "-monitor", "none", "-smp", "1"])
+    .args(["-m", &o.memory_mib.to_string()])
+    .arg("-serial")
+    .arg(format!("file:{}", log.display()))
+    .arg("-kernel")
+    .arg(&k.vmlinuz)
+    .arg("-initrd")
+    .arg(&initrd)
+    .arg("-append")
+    .arg(format!("console=ttyS0 root=/dev/vda rw quiet {}", o.append));
     if o.no_reboot {
         c.arg("-no-reboot");
     }
@@ -418,7 +439,9 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
             .arg("-device")
             .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
     }
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = c.spawn().map_err(|e| format!("qemu: {e}"))?;
     let mut timed_out = false;

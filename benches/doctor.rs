@@ -1,0 +1,251 @@
+//! `cargo bench --bench doctor`: chvkit doctor's full check set against the seed's manual
+//! troubleshooting commands, both run inside a network namespace that holds the seed's network
+//! setup, with the cost of entering the namespace (`ip netns exec NS true`) subtracted.
+//!
+//! Prints both medians, their ratio, and how many child processes one doctor run starts
+//! (counted with strace when it is installed). Needs root; prints `skipped: ...` otherwise.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const RUNS: usize = 30;
+
+const SEED_SETUP: &str = "set -e
+ip link set lo up
+ip link add chvbr0 type bridge
+ip link set chvbr0 up
+sysctl -qw net.ipv6.conf.chvbr0.accept_dad=0
+sysctl -qw net.ipv6.conf.chvbr0.dad_transmits=0
+ip -6 addr add fdcd::1/16 dev chvbr0
+echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
+ip6tables -t nat -A POSTROUTING -s fdcd::/16 ! -o chvbr0 -j MASQUERADE
+ip6tables -A FORWARD -i chvbr0 -j ACCEPT
+ip6tables -A FORWARD -o chvbr0 -m state --state RELATED,ESTABLISHED -j ACCEPT
+ip tuntap add chv-b0 mode tap
+ip link set chv-b0 master chvbr0
+ip link set chv-b0 up
+";
+
+/// The seed's Troubleshooting section, as a person would type it.
+const SEED_TROUBLESHOOTING: &str = "ls -la /dev/kvm
+ip link show chvbr0
+ip -6 addr show chvbr0
+cat /proc/sys/net/ipv6/conf/all/forwarding
+ip6tables -t nat -L -n -v
+ip6tables -L FORWARD -n -v
+bridge link show
+";
+
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn in_ns(ns: &str, argv: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(argv);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+fn time(mut c: Command) -> Duration {
+    let t = Instant::now();
+    let st = c.status().expect("spawn");
+    let d = t.elapsed();
+    // doctor exits 1 when something FAILs; anything else means the run did not happen.
+    assert!(
+        matches!(st.code(), Some(0) | Some(1)),
+        "benchmark command failed: {st}"
+    );
+    d
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Hold the TAP open like a VMM does, from a thread that joins the namespace.
+fn hold_tap(ns: &str, name: &str) -> Option<OwnedFd> {
+    let path = format!("/run/netns/{ns}");
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let nsf = std::fs::File::open(path).ok()?;
+        nix::sched::setns(&nsf, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .ok()?;
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF with a 40-byte struct ifreq.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x400454ca, ifr.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(tun);
+        // SAFETY: raw was just released by `tun`.
+        Some(unsafe { OwnedFd::from_raw_fd(raw) })
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+/// Child processes one doctor run starts, from `strace -f -e trace=execve`.
+fn children(ns: &str, chvkit: &str) -> Option<usize> {
+    if !have("strace") {
+        return None;
+    }
+    let log = tempfile::NamedTempFile::new().ok()?;
+    let log_path = log.path().to_str()?.to_string();
+    let st = in_ns(
+        ns,
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=execve",
+            "-o",
+            &log_path,
+            chvkit,
+            "doctor",
+        ],
+    )
+    .status()
+    .ok()?;
+    if !matches!(st.code(), Some(0) | Some(1)) {
+        return None;
+    }
+    let text = std::fs::read_to_string(&log_path).ok()?;
+    let execs = text
+        .lines()
+        .filter(|l| l.contains("execve(") && !l.contains("= -1"))
+        .count();
+    // The first successful execve is chvkit itself.
+    Some(execs.saturating_sub(1))
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing here takes arguments.
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: doctor bench: needs root (network namespaces)");
+        return;
+    }
+    for t in ["ip", "ip6tables", "bridge", "sysctl"] {
+        if !have(t) {
+            println!("skipped: doctor bench: `{t}` is not installed");
+            return;
+        }
+    }
+    let chvkit = env!("CARGO_BIN_EXE_chvkit");
+    let ns = Ns(format!("chvbench{}", std::process::id()));
+    let ok = Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        println!("skipped: doctor bench: cannot create a network namespace");
+        return;
+    }
+    let setup = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sh", "-c", SEED_SETUP])
+        .status()
+        .expect("seed setup");
+    assert!(setup.success(), "seed setup failed in {}", ns.0);
+    let _tap = hold_tap(&ns.0, "chv-b0");
+
+    // Warm caches (page cache for the binaries, libnftables, dpkg status) before measuring.
+    for _ in 0..3 {
+        time(in_ns(&ns.0, &[chvkit, "doctor", "--json"]));
+        time(in_ns(&ns.0, &["sh", "-c", SEED_TROUBLESHOOTING]));
+    }
+    let checks = Command::new("ip")
+        .args(["netns", "exec", &ns.0, chvkit, "doctor", "--json"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v["checks"].as_array().map(Vec::len))
+        .unwrap_or(0);
+
+    // Interleaved, so that load from other processes hits all three alike.
+    let (mut base, mut doc, mut script) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        base.push(time(in_ns(&ns.0, &["true"])));
+        doc.push(time(in_ns(&ns.0, &[chvkit, "doctor", "--json"])));
+        script.push(time(in_ns(&ns.0, &["sh", "-c", SEED_TROUBLESHOOTING])));
+    }
+    let b = median(base);
+    let d = median(doc).saturating_sub(b);
+    let s = median(script).saturating_sub(b);
+    let kids = children(&ns.0, chvkit);
+
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "doctor bench ({RUNS} runs each, inside namespace {}, medians)",
+        ns.0
+    );
+    let _ = writeln!(
+        out,
+        "  namespace entry (ip netns exec NS true): {:8.2} ms (subtracted below)",
+        ms(b)
+    );
+    let _ = writeln!(
+        out,
+        "  chvkit doctor --json ({checks} checks):      {:8.2} ms",
+        ms(d)
+    );
+    let _ = writeln!(
+        out,
+        "  seed troubleshooting script (7 commands): {:8.2} ms",
+        ms(s)
+    );
+    let _ = writeln!(
+        out,
+        "  ratio doctor / script:                    {:8.2}",
+        ms(d) / ms(s).max(f64::EPSILON)
+    );
+    match kids {
+        Some(k) => {
+            let _ = writeln!(out, "  child processes per doctor run (strace):  {k:8}");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  child processes per doctor run:           unknown (strace not installed)"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  goal: doctor <= 15 ms and below the script, <= 1 child: {}",
+        if ms(d) <= 15.0 && d < s && kids.is_none_or(|k| k <= 1) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
