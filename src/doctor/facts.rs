@@ -122,7 +122,18 @@ impl Facts {
         let fw_path = ctx.root.path(p.firmware.path.as_path());
 
         let mut f = Facts {
-            user: UserIdentity::current(),
+            // Only kvm.access needs it, and the lookup goes through NSS.
+            user: if has(need::KVM) {
+                UserIdentity::current()
+            } else {
+                UserIdentity {
+                    uid: nix::unistd::geteuid().as_raw(),
+                    gid: nix::unistd::getegid().as_raw(),
+                    groups: Vec::new(),
+                    name: None,
+                    via_sudo: false,
+                }
+            },
             kvm: None,
             cpu: None,
             chv: None,

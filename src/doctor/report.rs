@@ -208,10 +208,11 @@ impl Report {
         }
         let s = &self.summary;
         if !quiet || s.fail + s.warn > 0 {
+            let n = self.checks.len();
             writeln!(
                 out,
-                "{} checks: {} pass, {} warn, {} fail, {} skip",
-                self.checks.len(),
+                "{n} check{}: {} pass, {} warn, {} fail, {} skip",
+                if n == 1 { "" } else { "s" },
                 s.pass,
                 s.warn,
                 s.fail,

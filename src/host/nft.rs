@@ -444,6 +444,13 @@ pub struct Ruleset {
 impl Ruleset {
     /// Read the ruleset of the current network namespace (needs CAP_NET_ADMIN).
     pub fn read() -> Result<Ruleset, NftError> {
+        // Without the capability libnftables fails anyway, and prints to stderr on its own.
+        if has_cap_net_admin() == Some(false) {
+            return Err(NftError::Command {
+                command: "nft list ruleset".into(),
+                message: "Operation not permitted (this process lacks CAP_NET_ADMIN)".into(),
+            });
+        }
         match Library::open() {
             Some(lib) => {
                 let ctx = lib.context()?;
@@ -698,6 +705,22 @@ impl Reached<'_> {
             .chain(self.rule.effective_matches())
             .collect()
     }
+}
+
+/// Whether this process has CAP_NET_ADMIN in its effective set (`None` if unknown).
+pub fn has_cap_net_admin() -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    cap_eff_has(&status, 12)
+}
+
+/// Test bit `cap` of the `CapEff:` line of a `/proc/PID/status` text.
+pub fn cap_eff_has(status: &str, cap: u32) -> Option<bool> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let bits = u64::from_str_radix(hex, 16).ok()?;
+    Some(bits & (1u64 << cap) != 0)
 }
 
 fn stmt_from_json(j: &Json) -> Stmt {
@@ -1071,6 +1094,13 @@ mod tests {
             Some(vec!["related".into(), "established".into()])
         );
         assert_eq!(ct_states_from_text("iifname x accept"), None);
+    }
+
+    #[test]
+    fn capabilities() {
+        assert_eq!(cap_eff_has("CapEff:\t000001ffffffffff\n", 12), Some(true));
+        assert_eq!(cap_eff_has("CapEff:\t0000000000000000\n", 12), Some(false));
+        assert_eq!(cap_eff_has("Name: x\n", 12), None);
     }
 
     #[test]

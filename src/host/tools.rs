@@ -31,9 +31,15 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
 /// Look tools up; `package` names the Debian package that ships each tool.
 pub fn probe(tools: &[(&str, &str)]) -> Vec<ToolFacts> {
     let status = std::fs::read_to_string(DPKG_STATUS).ok();
+    let packages: Vec<&str> = tools.iter().map(|(_, p)| *p).collect();
+    let versions = status
+        .as_deref()
+        .map(|s| dpkg_versions(s, &packages))
+        .unwrap_or_else(|| vec![None; tools.len()]);
     tools
         .iter()
-        .map(|(name, package)| {
+        .zip(versions)
+        .map(|((name, package), dpkg)| {
             let path = find_in_path(name);
             let mut t = ToolFacts {
                 name: name.to_string(),
@@ -42,13 +48,11 @@ pub fn probe(tools: &[(&str, &str)]) -> Vec<ToolFacts> {
                 version_source: None,
             };
             let Some(path) = path else { return t };
-            if let Some(status) = &status {
+            if let Some(v) = dpkg {
                 if dpkg_owns(Path::new(DPKG_INFO), package, &path) {
-                    if let Some(v) = dpkg_version(status, package) {
-                        t.version = Some(v);
-                        t.version_source = Some("dpkg".into());
-                        return t;
-                    }
+                    t.version = Some(v);
+                    t.version_source = Some("dpkg".into());
+                    return t;
                 }
             }
             if let Ok(line) = super::files::binary_version(&path, Duration::from_secs(5)) {
@@ -64,32 +68,40 @@ pub fn probe(tools: &[(&str, &str)]) -> Vec<ToolFacts> {
 
 /// The installed version of `package` from dpkg's status file text.
 pub fn dpkg_version(status: &str, package: &str) -> Option<String> {
-    // Find the stanza by its first line instead of parsing all ~2000 of them.
-    let key = format!("Package: {package}\n");
-    let mut from = 0;
-    while let Some(i) = status[from..].find(&key) {
-        let start = from + i;
-        from = start + key.len();
-        if start != 0 && !status[..start].ends_with('\n') {
-            continue;
+    dpkg_versions(status, &[package]).pop().flatten()
+}
+
+/// Installed versions of several packages in one pass over dpkg's status file (it is most of a
+/// megabyte: a line scan is several times faster than a substring search per package).
+pub fn dpkg_versions(status: &str, packages: &[&str]) -> Vec<Option<String>> {
+    let mut out: Vec<Option<String>> = vec![None; packages.len()];
+    let mut current: Option<usize> = None;
+    let mut installed = false;
+    let mut version: Option<&str> = None;
+    let mut finish = |cur: Option<usize>, installed: bool, version: Option<&str>| {
+        if let (Some(i), true, Some(v)) = (cur, installed, version) {
+            out[i] = Some(v.trim().to_string());
         }
-        let end = status[start..]
-            .find("\n\n")
-            .map(|e| start + e)
-            .unwrap_or(status.len());
-        let para = &status[start..end];
-        let installed = para
-            .lines()
-            .any(|l| l.starts_with("Status: ") && l.trim_end().ends_with(" installed"));
-        if !installed {
-            continue;
+    };
+    for line in status.split('\n') {
+        if line.is_empty() {
+            finish(current, installed, version);
+            current = None;
+            installed = false;
+            version = None;
+        } else if let Some(name) = line.strip_prefix("Package: ") {
+            let name = name.trim();
+            current = packages.iter().position(|p| *p == name);
+        } else if current.is_some() {
+            if let Some(v) = line.strip_prefix("Status: ") {
+                installed = v.trim_end().ends_with(" installed");
+            } else if let Some(v) = line.strip_prefix("Version: ") {
+                version = Some(v);
+            }
         }
-        return para
-            .lines()
-            .find_map(|l| l.strip_prefix("Version: "))
-            .map(|v| v.trim().to_string());
     }
-    None
+    finish(current, installed, version);
+    out
 }
 
 /// Whether dpkg lists `path` (or its merged-/usr twin, or its resolved target) as a file of
@@ -137,6 +149,11 @@ mod tests {
         assert_eq!(dpkg_version(s, "e2fsprogs").as_deref(), Some("1.47.0-2"));
         assert_eq!(dpkg_version(s, "umoci"), None);
         assert_eq!(dpkg_version(s, "buildah"), None);
+        assert_eq!(dpkg_version(s, "xumoci").as_deref(), Some("9"));
+        assert_eq!(
+            dpkg_versions(s, &["umoci", "e2fsprogs"]),
+            vec![None, Some("1.47.0-2".to_string())]
+        );
     }
 
     #[test]

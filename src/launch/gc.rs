@@ -16,7 +16,7 @@ use super::{tap, GcArgs};
 use crate::Context;
 
 /// Collect one dead job (the caller holds or has just taken its lock). Returns what was done.
-pub fn collect_job(ctx: &Context, paths: &JobPaths, dry_run: bool) -> Result<Vec<String>, String> {
+pub fn collect_job(paths: &JobPaths, dry_run: bool) -> Result<Vec<String>, String> {
     let mut done = Vec::new();
     let verb = |what: String| {
         if dry_run {
@@ -130,7 +130,7 @@ pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
                 continue;
             }
         };
-        match collect_job(ctx, &paths, a.dry_run) {
+        match collect_job(&paths, a.dry_run) {
             Ok(done) => {
                 for d in &done {
                     println!("{id}: {d}");

@@ -141,7 +141,7 @@ impl<'a> Job<'a> {
         paths.check_socket_len().map_err(Failure::setup)?;
         let lock = acquire_lock(&paths)?;
         // We hold the lock: anything left under this id is from a dead job.
-        super::gc::collect_job(ctx, &paths, false).map_err(|e| {
+        super::gc::collect_job(&paths, false).map_err(|e| {
             Failure::setup(format!("cleaning up after an earlier job {job_id}: {e}"))
         })?;
         rundir::create_private_dir(&paths.dir)

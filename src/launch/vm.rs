@@ -379,7 +379,7 @@ fn stop(ctx: &Context, job: &str, grace: &str) -> anyhow::Result<i32> {
         }
     };
     let ended = JobState::load(&t.paths.state).ok().and_then(|s| s.exit);
-    match gc::collect_job(ctx, &t.paths, false) {
+    match gc::collect_job(&t.paths, false) {
         Ok(_) => lock.release_and_remove(),
         Err(e) => return fail(format!("job {job}: {e}")),
     }
@@ -560,7 +560,7 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
     }
     meta.disk_file = dest.file_name().map(|n| n.to_string_lossy().into_owned());
     write_meta(&dir, &meta)?;
-    match gc::collect_job(ctx, &t.paths, false) {
+    match gc::collect_job(&t.paths, false) {
         Ok(_) => lock.release_and_remove(),
         Err(e) => eprintln!("chvkit: job {job}: {e}"),
     }

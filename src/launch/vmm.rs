@@ -16,7 +16,7 @@ use super::api::Client;
 /// How long to wait for the API socket after exec (Kata: 10 s; it appears in ~10 ms).
 pub const SOCKET_BUDGET: Duration = Duration::from_secs(10);
 /// Polling step while waiting for the socket.
-pub const SOCKET_STEP: Duration = Duration::from_millis(2);
+pub const SOCKET_STEP: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {

@@ -207,7 +207,7 @@ pub fn run_setup(ctx: &Context, a: SetupArgs) -> anyhow::Result<i32> {
     let json = a.json;
     match setup(ctx, &a) {
         Ok(report) => {
-            report.print(json);
+            report.print(json).context("writing the report")?;
             Ok(if report.ok { exit::OK } else { exit::FAILURE })
         }
         Err(e) if json => {
@@ -220,7 +220,7 @@ pub fn run_setup(ctx: &Context, a: SetupArgs) -> anyhow::Result<i32> {
                 String::new(),
             );
             r.fail(format!("{e:#}"));
-            r.print(true);
+            r.print(true).context("writing the report")?;
             Ok(exit::FAILURE)
         }
         Err(e) => Err(e),

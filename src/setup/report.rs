@@ -103,21 +103,33 @@ impl Report {
         self.error = Some(error);
     }
 
-    pub fn print(&self, json: bool) {
+    /// Print to stdout. A closed pipe (`| head`) is not an error worth reporting.
+    pub fn print(&self, json: bool) -> std::io::Result<()> {
+        match self.write(&mut std::io::stdout().lock(), json) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r,
+        }
+    }
+
+    fn write(&self, out: &mut impl std::io::Write, json: bool) -> std::io::Result<()> {
         if json {
             // Plain data: serialisation cannot fail.
-            println!("{}", serde_json::to_string_pretty(self).unwrap_or_default());
-            return;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(self).unwrap_or_default()
+            )?;
+            return Ok(());
         }
-        println!("{}", self.header);
+        writeln!(out, "{}", self.header)?;
         let w = self.items.iter().map(|i| i.id.len()).max().unwrap_or(0);
         let pad = " ".repeat(2 + 10 + 1 + w + 2);
         for i in &self.items {
             let label = i.result.label(self.dry_run);
             if self.dry_run {
-                println!("  {label:<10} {:<w$}  found: {}", i.id, i.found);
+                writeln!(out, "  {label:<10} {:<w$}  found: {}", i.id, i.found)?;
                 if let Some(a) = &i.action {
-                    println!("{pad}will:  {a}");
+                    writeln!(out, "{pad}will:  {a}")?;
                 }
             } else {
                 let text = match (i.result, &i.detail) {
@@ -125,38 +137,43 @@ impl Report {
                     (_, Some(d)) => d.clone(),
                     (_, None) => i.action.clone().unwrap_or_else(|| i.found.clone()),
                 };
-                println!("  {label:<10} {:<w$}  {text}", i.id);
+                writeln!(out, "  {label:<10} {:<w$}  {text}", i.id)?;
             }
         }
         for n in &self.notes {
-            println!("{n}");
+            writeln!(out, "{n}")?;
         }
         let verb = self.command;
         if self.dry_run {
             if self.planned == 0 {
-                println!(
+                writeln!(
+                    out,
                     "{verb} --dry-run: nothing to change ({} items already as wanted)",
                     self.unchanged
-                );
+                )?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "{verb} --dry-run: {} to change, {} already as wanted; nothing was changed",
                     self.planned, self.unchanged
-                );
+                )?;
             }
         } else if self.ok {
-            println!(
+            writeln!(
+                out,
                 "{verb}: {} changed, {} unchanged",
                 self.changed, self.unchanged
-            );
+            )?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "{verb}: FAILED ({} changed, {} unchanged, {} failed)",
                 self.changed, self.unchanged, self.failed
-            );
+            )?;
             if let Some(e) = self.human_tail.as_ref().or(self.error.as_ref()) {
-                println!("{e}");
+                writeln!(out, "{e}")?;
             }
         }
+        Ok(())
     }
 }

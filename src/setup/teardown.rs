@@ -55,7 +55,7 @@ pub fn run_teardown(ctx: &Context, a: TeardownArgs) -> anyhow::Result<i32> {
     let json = a.json;
     match teardown(ctx, &a) {
         Ok(r) => {
-            r.print(json);
+            r.print(json).context("writing the report")?;
             Ok(if r.ok { exit::OK } else { exit::FAILURE })
         }
         Err(e) if json => {
@@ -68,7 +68,7 @@ pub fn run_teardown(ctx: &Context, a: TeardownArgs) -> anyhow::Result<i32> {
                 String::new(),
             );
             r.fail(format!("{e:#}"));
-            r.print(true);
+            r.print(true).context("writing the report")?;
             Ok(exit::FAILURE)
         }
         Err(e) => Err(e),
@@ -428,17 +428,23 @@ fn plan(ctx: &Context, st: &SetupState, keep_artifacts: bool) -> anyhow::Result<
     Ok(steps)
 }
 
+/// The netlink socket, opened on first use (a teardown with no network records needs none).
+fn connect<'a>(
+    rt: &tokio::runtime::Runtime,
+    nl: &'a mut Option<netlink::Netlink>,
+) -> anyhow::Result<&'a netlink::Netlink> {
+    if nl.is_none() {
+        *nl = Some(netlink::Netlink::connect(rt)?);
+    }
+    nl.as_ref()
+        .ok_or_else(|| anyhow::anyhow!("netlink connection missing"))
+}
+
 fn undo(
     rt: &tokio::runtime::Runtime,
     nl: &mut Option<netlink::Netlink>,
     op: &TOp,
 ) -> anyhow::Result<Option<String>> {
-    let mut netlink = |rt: &tokio::runtime::Runtime| -> anyhow::Result<()> {
-        if nl.is_none() {
-            *nl = Some(netlink::Netlink::connect(rt)?);
-        }
-        Ok(())
-    };
     match op {
         TOp::Forget => Ok(None),
         TOp::RemoveFile(p) => {
@@ -455,10 +461,7 @@ fn undo(
             else {
                 return Ok(Some(format!("{name} already gone")));
             };
-            netlink(rt)?;
-            if let Some(n) = nl.as_ref() {
-                rt.block_on(n.del_link(l.index, name))?;
-            }
+            rt.block_on(connect(rt, nl)?.del_link(l.index, name))?;
             Ok(Some(format!("deleted bridge {name}")))
         }
         TOp::RemoveAddr { bridge, addr, len } => {
@@ -466,10 +469,7 @@ fn undo(
             else {
                 return Ok(Some(format!("{bridge} already gone")));
             };
-            netlink(rt)?;
-            if let Some(n) = nl.as_ref() {
-                rt.block_on(n.del_addr(l.index, bridge, *addr, *len))?;
-            }
+            rt.block_on(connect(rt, nl)?.del_addr(l.index, bridge, *addr, *len))?;
             Ok(Some(format!("removed {addr}/{len} from {bridge}")))
         }
         TOp::Sysctl(r) => {

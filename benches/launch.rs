@@ -1,0 +1,380 @@
+//! `cargo bench --bench launch`: chvkit's launch figures, measured in one run inside a network
+//! namespace the bench creates and removes. Uses the real Cloud Hypervisor when present
+//! (`CHV_BIN`, or `cloud-hypervisor` on PATH), else the stand-in, and says which.
+//!
+//! 1. chvkit's own overhead: wall time of `chvkit launch --detach` (it returns once `vm.boot`
+//!    has returned) against a bare `cloud-hypervisor --kernel … --disk … --net tap=…` from exec
+//!    to its `booted` event in the event log, same kernel, vCPUs, memory and command line; runs
+//!    interleaved; medians and their ratio (goal <= 1.15). Both start through `ip netns exec`.
+//! 2. Per-job disk preparation for a 2 GiB rootfs: median of `disk::prepare` (goal <= 50 ms)
+//!    against a full sparse copy of the image; the one-time base conversion; and the extra disk
+//!    space after the guest writes 64 MiB (written with qemu-io when installed).
+//! 3. 32 parallel `launch --detach` then 32 parallel `vm stop`: wall times, and a count of
+//!    whatever was left (TAPs, run dirs, disks, VMM processes) — must be zero.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/vmm/mod.rs"]
+mod vmm;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Where a bench run keeps chvkit's files: a profile whose runtime dir is on tmpfs (/dev/shm,
+/// like /run on a real host) and whose state dir (disks, bases) is on disk.
+struct Layout {
+    profile: PathBuf,
+    runtime: PathBuf,
+    state: PathBuf,
+    _shm: tempfile::TempDir,
+}
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const OVERHEAD_RUNS: usize = 9;
+const DISK_RUNS: usize = 21;
+const PARALLEL: usize = 32;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    if !common::is_root() {
+        println!("skipped: launch bench: needs root (network namespaces, TAPs)");
+        return;
+    }
+    for t in ["ip", "mkfs.ext4"] {
+        if !common::have_tool(t) {
+            println!("skipped: launch bench: `{t}` is not installed");
+            return;
+        }
+    }
+    let Some(kernel) = vmm::kernel() else {
+        println!(
+            "skipped: launch bench: no guest kernel (CHV_KERNEL_PATH or linux-image-cloud-amd64)"
+        );
+        return;
+    };
+    let bin = vmm::binary();
+    println!("launch bench: {}", bin.describe());
+    if bin.real {
+        println!("  (on a PVM host each real guest spins a vCPU: every VM is stopped right after it is measured)");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let ns = common::NetNs::new("lb");
+    ns.sh_ok(
+        "ip link add br0 type bridge && sysctl -qw net.ipv6.conf.br0.accept_dad=0 && \
+         ip -6 addr add fdcd::1/16 dev br0 nodad && ip link set br0 up",
+    );
+    let rootfs = work.path().join("rootfs.raw");
+    sh(&format!(
+        "truncate -s 256M {0} && mkfs.ext4 -q -F {0}",
+        rootfs.display()
+    ));
+    // Like a real host: the runtime dir on tmpfs (/run there, /dev/shm here), per-job disks
+    // and bases on disk (the state dir).
+    let shm = tempfile::Builder::new()
+        .prefix("chvbench")
+        .tempdir_in(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        })
+        .unwrap();
+    let runtime = shm.path().join("run");
+    let state = work.path().join("state");
+    let profile = work.path().join("profile.yaml");
+    let yaml = chvkit::profile::DEFAULT_PROFILE_YAML
+        .replace(
+            "state_dir: /var/lib/chvkit",
+            &format!("state_dir: {}", state.display()),
+        )
+        .replace(
+            "runtime_dir: /run/chvkit",
+            &format!("runtime_dir: {}", runtime.display()),
+        );
+    fs::write(&profile, yaml).unwrap();
+    let layout = Layout {
+        profile,
+        runtime,
+        state,
+        _shm: shm,
+    };
+    overhead(&ns, &bin, &kernel, &rootfs, &layout, work.path());
+    disk_prep(work.path());
+    parallel(&ns, &bin, &kernel, &rootfs, &layout);
+}
+
+fn sh(script: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(o.status.success(), "{script}: {}", common::text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn chvkit(
+    ns: &common::NetNs,
+    bin: &vmm::Binary,
+    l: &Layout,
+    args: &[&str],
+) -> std::process::Output {
+    ns.cmd(common::chvkit())
+        .arg("--profile")
+        .arg(&l.profile)
+        .args(args)
+        .env("CHV_BIN", &bin.path)
+        .env_remove("CHV_KERNEL_PATH")
+        .output()
+        .unwrap()
+}
+
+fn launch_args<'a>(kernel: &'a str, rootfs: &'a str, job: &'a str) -> Vec<&'a str> {
+    vec![
+        "launch", "--rootfs", rootfs, "--kernel", kernel, "--bridge", "br0", "--job-id", job,
+        "--cpus", "1", "--memory", "128", "--detach",
+    ]
+}
+
+/// Bare VMM: exec to the `booted` event. Returns the time, then stops it.
+fn bare_boot(
+    ns: &common::NetNs,
+    bin: &vmm::Binary,
+    kernel: &Path,
+    disk: &Path,
+    dir: &Path,
+    i: usize,
+) -> Duration {
+    let ev = dir.join(format!("bare-{i}.events"));
+    let sock = dir.join(format!("bare-{i}.sock"));
+    let serial = dir.join(format!("bare-{i}.serial"));
+    let tap = format!("chvb-{i}");
+    let t0 = Instant::now();
+    let mut child = ns
+        .cmd(&bin.path)
+        .arg("--api-socket")
+        .arg(format!("path={}", sock.display()))
+        .arg("--event-monitor")
+        .arg(format!("path={}", ev.display()))
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--cmdline", "console=ttyS0 root=/dev/vda rw"])
+        .args(["--cpus", "boot=1", "--memory", "size=128M"])
+        .arg("--disk")
+        .arg(format!("path={}", disk.display()))
+        .arg("--net")
+        .arg(format!("tap={tap},mac=02:00:00:00:00:{:02x}", i % 256))
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
+        .args(["--console", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = t0 + Duration::from_secs(30);
+    let took = loop {
+        if fs::read_to_string(&ev).is_ok_and(|t| t.contains("\"booted\"")) {
+            break t0.elapsed();
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("bare VMM never reported booted");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: plain kill(2) of our child (`ip netns exec` exec'd into the VMM).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = fs::remove_file(&sock);
+    took
+}
+
+fn overhead(
+    ns: &common::NetNs,
+    bin: &vmm::Binary,
+    kernel: &Path,
+    rootfs: &Path,
+    root: &Layout,
+    dir: &Path,
+) {
+    println!("\n1. chvkit overhead: `launch --detach` (to vm.boot returned) vs bare VMM (to its booted event)");
+    let bare_disk = dir.join("bare.raw");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        rootfs.display(),
+        bare_disk.display()
+    ));
+    let (k, r) = (kernel.to_str().unwrap(), rootfs.to_str().unwrap());
+    // Warm-up: converts the base once, fills caches, for both sides.
+    let o = chvkit(ns, bin, root, &launch_args(k, r, "warm"));
+    assert!(o.status.success(), "{}", common::text(&o));
+    chvkit(ns, bin, root, &["vm", "stop", "warm"]);
+    bare_boot(ns, bin, kernel, &bare_disk, dir, 999);
+    let mut ours = Vec::new();
+    let mut bare = Vec::new();
+    for i in 0..OVERHEAD_RUNS {
+        let job = format!("ov-{i}");
+        let t0 = Instant::now();
+        let o = chvkit(ns, bin, root, &launch_args(k, r, &job));
+        let t = t0.elapsed();
+        assert!(o.status.success(), "{}", common::text(&o));
+        ours.push(ms(t));
+        let o = chvkit(ns, bin, root, &["vm", "stop", &job]);
+        assert!(o.status.success(), "{}", common::text(&o));
+        bare.push(ms(bare_boot(ns, bin, kernel, &bare_disk, dir, i)));
+    }
+    let (mo, mb) = (median(&mut ours), median(&mut bare));
+    println!("   chvkit launch --detach: median {mo:.1} ms over {OVERHEAD_RUNS} runs (min {:.1}, max {:.1})", ours[0], ours[ours.len() - 1]);
+    println!("   bare VMM to `booted`:   median {mb:.1} ms over {OVERHEAD_RUNS} runs (min {:.1}, max {:.1})", bare[0], bare[bare.len() - 1]);
+    println!("   ratio chvkit/bare: {:.2} (goal <= 1.15)", mo / mb);
+}
+
+fn allocated(p: &Path) -> u64 {
+    fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn disk_prep(dir: &Path) {
+    use chvkit::launch::disk;
+    println!("\n2. per-job disk for a 2 GiB rootfs");
+    // A 2 GiB ext4 image holding 256 MiB of (incompressible) files.
+    let tree = dir.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    sh(&format!(
+        "for i in 0 1 2 3 4 5 6 7; do head -c 32M /dev/urandom > {}/f$i; done",
+        tree.display()
+    ));
+    let img = dir.join("big.raw");
+    sh(&format!(
+        "truncate -s 2G {0} && mkfs.ext4 -q -F -d {1} {0}",
+        img.display(),
+        tree.display()
+    ));
+    let state = dir.join("diskbench");
+    let bases = state.join("bases");
+    let t0 = Instant::now();
+    let first = disk::prepare(&img, &state.join("disks/first"), &bases).unwrap();
+    let once = t0.elapsed();
+    println!(
+        "   kind: {:?} ({}); first prepare incl. the one-time base conversion: {:.0} ms (base holds {} MiB)",
+        first.kind,
+        first.image_type(),
+        ms(once),
+        first.base.as_deref().map(allocated).unwrap_or(0) >> 20
+    );
+    let mut prep = Vec::new();
+    let mut paths = Vec::new();
+    for i in 0..DISK_RUNS {
+        let t0 = Instant::now();
+        let d = disk::prepare(&img, &state.join(format!("disks/j{i}")), &bases).unwrap();
+        prep.push(ms(t0.elapsed()));
+        paths.push(d.path);
+    }
+    let mp = median(&mut prep);
+    let mut copy = Vec::new();
+    for i in 0..3 {
+        let dst = dir.join(format!("copy-{i}.raw"));
+        let t0 = Instant::now();
+        sh(&format!(
+            "cp --sparse=always {} {}",
+            img.display(),
+            dst.display()
+        ));
+        copy.push(ms(t0.elapsed()));
+        let _ = fs::remove_file(dst);
+    }
+    let mc = median(&mut copy);
+    let per_job = allocated(&paths[0]);
+    println!("   per-job prepare: median {mp:.2} ms over {DISK_RUNS} (goal <= 50 ms); full sparse copy: median {mc:.0} ms; ratio {:.4}", mp / mc);
+    println!(
+        "   per-job disk on disk before guest writes: {} KiB (rootfs: {} MiB allocated)",
+        per_job >> 10,
+        allocated(&img) >> 20
+    );
+    if common::have_tool("qemu-io") && first.kind == disk::DiskKind::Qcow2Overlay {
+        let o = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0xab 512M 64M"])
+            .arg(&paths[0])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::text(&o));
+        println!(
+            "   after the guest writes 64 MiB: per-job disk {} MiB on disk (extra space follows writes, not the rootfs)",
+            allocated(&paths[0]) >> 20
+        );
+    } else {
+        println!("   (qemu-io not installed: guest-write growth not measured)");
+    }
+}
+
+fn parallel(ns: &common::NetNs, bin: &vmm::Binary, kernel: &Path, rootfs: &Path, root: &Layout) {
+    println!("\n3. {PARALLEL} parallel launches, then {PARALLEL} parallel stops");
+    let (k, r) = (kernel.to_str().unwrap(), rootfs.to_str().unwrap());
+    let t0 = Instant::now();
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..PARALLEL)
+            .map(|i| {
+                s.spawn(move || {
+                    let job = format!("par-{i}");
+                    let o = chvkit(ns, bin, root, &launch_args(k, r, &job));
+                    (job, o)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let launched = t0.elapsed();
+    let ok = outs.iter().filter(|(_, o)| o.status.success()).count();
+    for (job, o) in &outs {
+        if !o.status.success() {
+            println!(
+                "   {job} failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+    }
+    let pids: Vec<i32> = outs
+        .iter()
+        .filter_map(|(_, o)| {
+            let t = String::from_utf8_lossy(&o.stdout);
+            t.split("vmm pid ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let t1 = Instant::now();
+    std::thread::scope(|s| {
+        for (job, _) in &outs {
+            s.spawn(move || chvkit(ns, bin, root, &["vm", "stop", job]));
+        }
+    });
+    let stopped = t1.elapsed();
+    let taps = ns
+        .sh_ok("ip -br link")
+        .lines()
+        .filter(|l| l.starts_with("chv-"))
+        .count();
+    let run_dirs = fs::read_dir(&root.runtime).map(|r| r.count()).unwrap_or(0);
+    let disks = fs::read_dir(root.state.join("disks"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    let procs = pids
+        .iter()
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .count();
+    println!(
+        "   {ok}/{PARALLEL} launched in {:.0} ms, stopped in {:.0} ms; total {:.0} ms",
+        ms(launched),
+        ms(stopped),
+        ms(launched + stopped)
+    );
+    println!("   leaked: {taps} TAPs, {run_dirs} run dirs/locks, {disks} disks, {procs} VMM processes (must all be 0)");
+}
