@@ -61,16 +61,28 @@ fn in_ns(ns: &str, argv: &[&str]) -> Command {
     c
 }
 
-fn time(mut c: Command) -> Duration {
+/// CPU time (user + system) of all reaped children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Wall time and CPU time (of the command and everything it waited for) of one run.
+fn time(mut c: Command) -> (Duration, Duration) {
+    let cpu0 = children_cpu();
     let t = Instant::now();
     let st = c.status().expect("spawn");
     let d = t.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu0);
     // doctor exits 1 when something FAILs; anything else means the run did not happen.
     assert!(
         matches!(st.code(), Some(0) | Some(1)),
         "benchmark command failed: {st}"
     );
-    d
+    (d, cpu)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -160,6 +172,10 @@ fn main() {
         }
     }
     let chvkit = env!("CARGO_BIN_EXE_chvkit");
+    // Both sides inherit this priority: it only damps interference from other work on the
+    // machine (parallel builds), it favours neither.
+    // SAFETY: plain syscall on this process.
+    let reniced = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } == 0;
     let ns = Ns(format!("chvbench{}", std::process::id()));
     let ok = Command::new("ip")
         .args(["netns", "add", &ns.0])
@@ -179,8 +195,8 @@ fn main() {
 
     // Warm caches (page cache for the binaries, libnftables, dpkg status) before measuring.
     for _ in 0..3 {
-        time(in_ns(&ns.0, &[chvkit, "doctor", "--json"]));
-        time(in_ns(&ns.0, &["sh", "-c", SEED_TROUBLESHOOTING]));
+        let _ = time(in_ns(&ns.0, &[chvkit, "doctor", "--json"]));
+        let _ = time(in_ns(&ns.0, &["sh", "-c", SEED_TROUBLESHOOTING]));
     }
     let checks = Command::new("ip")
         .args(["netns", "exec", &ns.0, chvkit, "doctor", "--json"])
@@ -192,14 +208,24 @@ fn main() {
 
     // Interleaved, so that load from other processes hits all three alike.
     let (mut base, mut doc, mut script) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut base_cpu, mut doc_cpu, mut script_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        base.push(time(in_ns(&ns.0, &["true"])));
-        doc.push(time(in_ns(&ns.0, &[chvkit, "doctor", "--json"])));
-        script.push(time(in_ns(&ns.0, &["sh", "-c", SEED_TROUBLESHOOTING])));
+        let (w, c) = time(in_ns(&ns.0, &["true"]));
+        base.push(w);
+        base_cpu.push(c);
+        let (w, c) = time(in_ns(&ns.0, &[chvkit, "doctor", "--json"]));
+        doc.push(w);
+        doc_cpu.push(c);
+        let (w, c) = time(in_ns(&ns.0, &["sh", "-c", SEED_TROUBLESHOOTING]));
+        script.push(w);
+        script_cpu.push(c);
     }
     let b = median(base);
     let d = median(doc).saturating_sub(b);
     let s = median(script).saturating_sub(b);
+    let bc = median(base_cpu);
+    let dc = median(doc_cpu).saturating_sub(bc);
+    let sc = median(script_cpu).saturating_sub(bc);
     let kids = children(&ns.0, chvkit);
 
     let mut out = std::io::stdout().lock();
@@ -227,6 +253,22 @@ fn main() {
         out,
         "  ratio doctor / script:                    {:8.2}",
         ms(d) / ms(s).max(f64::EPSILON)
+    );
+    let _ = writeln!(
+        out,
+        "  CPU time (user+sys, entry subtracted):    doctor {:.2} ms, script {:.2} ms (ratio {:.2})",
+        ms(dc),
+        ms(sc),
+        ms(dc) / ms(sc).max(f64::EPSILON)
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  load average during the run:              {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     match kids {
         Some(k) => {

@@ -1488,6 +1488,124 @@ fn check_payload(p: &cfg::PayloadConfig) -> Result<(), Chain> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Guest RAM: an anonymous, unreserved mapping of the configured size, as the VMM's memory manager
+// makes. The payload is copied into it at boot and a restore copies the snapshot into it, so the
+// time and memory those take grow with payload and RAM size as they do in v50.
+
+struct GuestMem {
+    ptr: *mut u8,
+    len: usize,
+    /// Ranges written so far (payload images, restored content): what a snapshot saves.
+    used: Vec<(usize, usize)>,
+}
+
+// SAFETY: the mapping is owned by exactly one GuestMem and only touched through &mut self.
+unsafe impl Send for GuestMem {}
+
+impl GuestMem {
+    fn new(len: u64) -> Result<GuestMem, Chain> {
+        let len = len.max(4096) as usize;
+        // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            return Err(chain(&[
+                "Memory manager error",
+                "Failed to create guest memory",
+                &e.to_string(),
+            ]));
+        }
+        Ok(GuestMem {
+            ptr: ptr.cast(),
+            len,
+            used: Vec::new(),
+        })
+    }
+
+    fn slice(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        // SAFETY: callers keep offset + len within the mapping, which lives as long as self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+
+    /// Copies a whole file to `offset`; false if it does not fit.
+    fn load(&mut self, f: &mut File, offset: usize) -> io::Result<bool> {
+        let size = file_size(f) as usize;
+        if offset.checked_add(size).is_none_or(|end| end > self.len) {
+            return Ok(false);
+        }
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(0))?;
+        f.read_exact(self.slice(offset, size))?;
+        self.used.push((offset, size));
+        Ok(true)
+    }
+
+    /// Writes the used ranges into `out` (a sparse file of the RAM's size).
+    fn save(&mut self, out: &File) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        out.set_len(self.len as u64)?;
+        for (off, len) in self.used.clone() {
+            out.write_all_at(self.slice(off, len), off as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a snapshot's memory file back in (every page, as a restore without prefault
+    /// still copies the RAM).
+    fn restore(&mut self, f: &mut File) -> io::Result<()> {
+        let n = (file_size(f) as usize).min(self.len);
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(0))?;
+        f.read_exact(self.slice(0, n))?;
+        self.used = vec![(0, n)];
+        Ok(())
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in new().
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// Copies kernel (at 1 MiB, x86's HIGH_RAM_START) and initramfs (top of RAM) into guest RAM.
+fn load_payload(p: &cfg::PayloadConfig, mem: &mut GuestMem) -> Result<(), Chain> {
+    let image = p.kernel.as_ref().or(p.firmware.as_ref());
+    if let Some(path) = image {
+        let mut f = File::open(path)
+            .map_err(|e| chain(&["Cannot load the kernel into memory", &e.to_string()]))?;
+        if !mem.load(&mut f, 1 << 20).unwrap_or(false) {
+            return Err(chain(&[
+                "Cannot load the kernel into memory",
+                "Kernel Loader: memory to load kernel image is not enough",
+            ]));
+        }
+    }
+    if let Some(path) = &p.initramfs {
+        let mut f =
+            File::open(path).map_err(|e| chain(&["Cannot open initramfs file", &e.to_string()]))?;
+        let size = file_size(&f) as usize;
+        let top = mem.len.saturating_sub(size) & !0xfff;
+        if size > mem.len / 2 || !mem.load(&mut f, top).unwrap_or(false) {
+            return Err(chain(&["Cannot load the initramfs into memory"]));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // The simulated guest.
 
 #[derive(Default)]
@@ -1758,6 +1876,7 @@ struct Vm {
     next_bdf: u8,
     reserved_ids: Vec<String>,
     pending_load: Option<Result<(), Chain>>,
+    memory: GuestMem,
     guest: Option<Arc<GuestCtl>>,
     hooks_pending: Arc<AtomicBool>,
 }
@@ -1843,6 +1962,7 @@ impl Vm {
                 &e.to_string(),
             ])
         });
+        let memory = GuestMem::new(config.memory.total_size())?;
         let mut vm = Vm {
             gen: GENERATION.fetch_add(1, Ordering::SeqCst),
             state: if restoring.is_some() {
@@ -1859,6 +1979,7 @@ impl Vm {
             next_bdf: 1,
             reserved_ids,
             pending_load: None,
+            memory,
             guest: None,
             hooks_pending: Arc::new(AtomicBool::new(true)),
         };
@@ -2054,7 +2175,13 @@ impl Vm {
             .valid_transition(VmState::Running)
             .map_err(|m| vec![m])?;
         let doomed = match self.pending_load.take() {
-            Some(Ok(())) => false,
+            Some(Ok(())) => {
+                load_payload(
+                    &config.payload.clone().unwrap_or_default(),
+                    &mut self.memory,
+                )?;
+                false
+            }
             Some(Err(e)) => return Err(e),
             None => true,
         };
@@ -2373,10 +2500,9 @@ impl Vmm {
         let mut f = create("state.json")?;
         f.write_all(state.to_string().as_bytes())
             .map_err(|e| send_err(e.to_string()))?;
-        // Guest RAM, written sparse: the size of the real file without its cost.
+        // Guest RAM: sparse where it was never written.
         let mem = create("memory-ranges")?;
-        mem.set_len(config.memory.total_size())
-            .map_err(|e| send_err(e.to_string()))?;
+        vm.memory.save(&mem).map_err(|e| send_err(e.to_string()))?;
         Ok(())
     }
 
@@ -2409,22 +2535,18 @@ impl Vmm {
         let result = (|| -> Result<Vm, Chain> {
             let console = pre_create_console_devices(&mut config)?;
             self.console = Some(console.clone());
+            let mem_err = |e: io::Error| {
+                chain(&[
+                    "Memory manager error",
+                    "Failed to restore migratable component",
+                    &e.to_string(),
+                ])
+            };
+            let mut mem = File::open(dir.join("memory-ranges")).map_err(mem_err)?;
+            let mut vm = Vm::new(&mut config, console, Some(&state))?;
             // Guest memory is copied in, so restore time grows with RAM as in v50.
-            let mut mem = File::open(dir.join("memory-ranges")).map_err(|e| {
-                chain(&[
-                    "Memory manager error",
-                    "Failed to restore migratable component",
-                    &e.to_string(),
-                ])
-            })?;
-            io::copy(&mut mem, &mut io::sink()).map_err(|e| {
-                chain(&[
-                    "Memory manager error",
-                    "Failed to restore migratable component",
-                    &e.to_string(),
-                ])
-            })?;
-            Vm::new(&mut config, console, Some(&state))
+            vm.memory.restore(&mut mem).map_err(mem_err)?;
+            Ok(vm)
         })();
         self.config = Some(config);
         let mut vm = match result {

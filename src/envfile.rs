@@ -9,7 +9,9 @@ use std::fmt::Write as _;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvError {
-    #[error("invalid environment key `{0}`: use letters, digits and `_`, not starting with a digit")]
+    #[error(
+        "invalid environment key `{0}`: use letters, digits and `_`, not starting with a digit"
+    )]
     BadKey(String),
     #[error("value of `{0}` contains a NUL byte, which a shell variable cannot hold")]
     Nul(String),
@@ -18,7 +20,9 @@ pub enum EnvError {
 }
 
 pub fn valid_key(k: &str) -> bool {
-    k.chars().next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+    k.chars()
+        .next()
+        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
         && k.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
@@ -39,7 +43,8 @@ pub fn shell_quote(v: &str) -> String {
 
 /// Render pairs in the given order (later duplicates override earlier ones when sourced).
 pub fn render<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> Result<String, EnvError> {
-    let mut out = String::from("# written by chvkit; sourced by /init. Values are single-quoted.\n");
+    let mut out =
+        String::from("# written by chvkit; sourced by /init. Values are single-quoted.\n");
     for (k, v) in pairs {
         let (k, v) = (k.as_ref(), v.as_ref());
         if !valid_key(k) {
@@ -55,7 +60,9 @@ pub fn render<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> Result<String, 
 
 /// Split a `--env KEY=VALUE` argument.
 pub fn parse_pair(s: &str) -> Result<(String, String), EnvError> {
-    let (k, v) = s.split_once('=').ok_or_else(|| EnvError::NotPair(s.to_string()))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| EnvError::NotPair(s.to_string()))?;
     if !valid_key(k) {
         return Err(EnvError::BadKey(k.to_string()));
     }

@@ -112,7 +112,10 @@ mod tests {
         let p = d.path().join("sub/f");
         write_atomic(&p, b"one", 0o640).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"one");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         {
             let mut f = AtomicFile::create(&p, 0o644).unwrap();
             f.write_all(b"two").unwrap();

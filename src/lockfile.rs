@@ -84,10 +84,11 @@ impl ArtifactLock {
                 })
             }
         };
-        let lock: ArtifactLock = serde_json::from_str(&text).map_err(|source| LockError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let lock: ArtifactLock =
+            serde_json::from_str(&text).map_err(|source| LockError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
         if lock.schema != SCHEMA {
             return Err(LockError::Schema {
                 path: path.to_path_buf(),
@@ -132,6 +133,9 @@ mod tests {
         l.save(&p).unwrap();
         assert_eq!(ArtifactLock::load(&p).unwrap(), Some(l));
         std::fs::write(&p, "{").unwrap();
-        assert!(matches!(ArtifactLock::load(&p), Err(LockError::Parse { .. })));
+        assert!(matches!(
+            ArtifactLock::load(&p),
+            Err(LockError::Parse { .. })
+        ));
     }
 }

@@ -542,7 +542,9 @@ string_newtype!(AbsPath, |s: &str| {
     if !p.is_absolute() {
         return Err(format!("invalid path `{s}`: must be absolute"));
     }
-    if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         return Err(format!("invalid path `{s}`: `..` is not allowed"));
     }
     Ok(AbsPath(p.to_path_buf()))
@@ -605,7 +607,10 @@ mod tests {
     fn long_bridge_name_rejected() {
         let y = DEFAULT_PROFILE_YAML.replace("bridge: chvbr0", "bridge: averyverylongbridge0");
         let e = err_of(&y).to_string();
-        assert!(e.contains("averyverylongbridge0") && e.contains("15"), "{e}");
+        assert!(
+            e.contains("averyverylongbridge0") && e.contains("15"),
+            "{e}"
+        );
     }
 
     #[test]

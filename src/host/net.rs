@@ -8,7 +8,7 @@
 use std::net::Ipv6Addr;
 
 use rtnetlink::packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
@@ -243,14 +243,27 @@ impl NetSnapshot {
     /// Read links, their IPv6 addresses and the IPv6 main-table routes of the current namespace.
     pub fn read() -> Result<NetSnapshot, NetError> {
         let mut nl = Netlink::open()?;
+        // A dump that raced with a change is flagged NLM_F_DUMP_INTR: read it again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (snap, interrupted) = NetSnapshot::read_once(&mut nl)?;
+            if !interrupted || attempt >= 3 {
+                return Ok(snap);
+            }
+            tracing::debug!("netlink dump interrupted by a concurrent change; reading again");
+        }
+    }
+
+    fn read_once(nl: &mut Netlink) -> Result<(NetSnapshot, bool), NetError> {
         let mut links = Vec::new();
-        nl.dump("link", link_request(), |m| {
+        let mut intr = nl.dump("link", link_request(), |m| {
             if let RouteNetlinkMessage::NewLink(l) = m {
                 links.push(link_from(l));
             }
         })?;
         let mut addrs: Vec<(u32, Ipv6Address)> = Vec::new();
-        nl.dump("address", addr_request(), |m| {
+        intr |= nl.dump("address", addr_request(), |m| {
             if let RouteNetlinkMessage::NewAddress(a) = m {
                 if let Some(x) = addr_from(a) {
                     addrs.push(x);
@@ -258,7 +271,7 @@ impl NetSnapshot {
             }
         })?;
         let mut routes = Vec::new();
-        nl.dump("route", route_request(), |m| {
+        intr |= nl.dump("route", route_request(), |m| {
             if let RouteNetlinkMessage::NewRoute(r) = m {
                 if let Some(r) = route_from(r) {
                     routes.push(r);
@@ -270,7 +283,7 @@ impl NetSnapshot {
                 l.ipv6.push(a);
             }
         }
-        Ok(NetSnapshot { links, routes })
+        Ok((NetSnapshot { links, routes }, intr))
     }
 
     /// The link called `name`.
@@ -322,12 +335,13 @@ impl Netlink {
         })
     }
 
+    /// Run one dump; `Ok(true)` when the kernel flagged it as interrupted.
     fn dump(
         &mut self,
         what: &'static str,
         msg: RouteNetlinkMessage,
         mut on_msg: impl FnMut(RouteNetlinkMessage),
-    ) -> Result<(), NetError> {
+    ) -> Result<bool, NetError> {
         self.seq += 1;
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -339,31 +353,37 @@ impl Netlink {
         self.socket
             .send(&out, 0)
             .map_err(|source| NetError::Io { what, source })?;
+        let mut interrupted = false;
         loop {
             let n = self
                 .socket
                 .recv(&mut &mut self.buf[..], 0)
                 .map_err(|source| NetError::Io { what, source })?;
             let mut off = 0;
-            while off < n {
-                let bytes = &self.buf[off..n];
-                let msg =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
-                        NetError::Decode {
-                            what,
-                            message: e.to_string(),
-                        }
-                    })?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    break;
+            while off + 16 <= n {
+                let b = &self.buf[off..n];
+                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                if len < 16 || len > b.len() {
+                    return Err(NetError::Decode {
+                        what,
+                        message: format!("bad message length {len}"),
+                    });
                 }
                 off += (len + 3) & !3;
+                let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&b[..len]) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // One object the parser does not understand must not hide the rest.
+                        tracing::warn!("netlink {what} dump: skipping a message: {e}");
+                        continue;
+                    }
+                };
                 if msg.header.sequence_number != self.seq {
                     continue;
                 }
+                interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Done(_) => return Ok(interrupted),
                     NetlinkPayload::Error(e) => {
                         if let Some(code) = e.code {
                             return Err(NetError::Kernel {
@@ -371,7 +391,7 @@ impl Netlink {
                                 code: code.get(),
                             });
                         }
-                        return Ok(());
+                        return Ok(interrupted);
                     }
                     NetlinkPayload::InnerMessage(m) => on_msg(m),
                     _ => {}

@@ -840,12 +840,21 @@ enum Done {
     DetachedChildEnded(i32),
 }
 
+/// Debug-level timing of the launch path (`-vv` shows where the milliseconds go).
+fn stage(t0: Instant, what: &str) {
+    tracing::debug!(
+        ms = format!("{:.2}", t0.elapsed().as_secs_f64() * 1000.0),
+        "{what}"
+    );
+}
+
 fn prepare_and_run(
     ctx: &Context,
     a: &LaunchArgs,
     spec: &mut LaunchSpec,
     sigs: &Signals,
 ) -> Result<Done, Failure> {
+    let t0 = Instant::now();
     let vmm_bin = vmm::find_binary(ctx).map_err(Failure::setup)?;
     config::absolutize(&mut spec.boot).map_err(|e| Failure::setup(e.to_string()))?;
     spec.rootfs = std::path::absolute(&spec.rootfs).map_err(|e| Failure::setup(e.to_string()))?;
@@ -875,6 +884,7 @@ fn prepare_and_run(
         restored_from: None,
     };
     let mut job = Job::begin(ctx, plan, a.disk_dir.as_deref())?;
+    stage(t0, "locked, run dir and state written");
     if landlock {
         let mut dirs = vec![job.paths.snapshots.clone()];
         dirs.extend(spec.landlock_write_dirs.iter().cloned());
@@ -886,6 +896,7 @@ fn prepare_and_run(
         job.state.landlock_write_dirs = dirs;
     }
     let d = job.prepare_disk(&spec.rootfs)?;
+    stage(t0, "per-job disk ready");
     if let Some(s) = sigs.pending() {
         return Err(Failure::new(
             code::SIGNAL_BASE + s as i32,
@@ -894,7 +905,9 @@ fn prepare_and_run(
         ));
     }
     job.write_env_disk(&spec.env)?;
+    stage(t0, "env disk written");
     job.create_tap()?;
+    stage(t0, "TAP created, attached, up");
 
     let mut reporter = None;
     let mut job = if a.detach {
@@ -914,15 +927,19 @@ fn prepare_and_run(
     let started = Instant::now();
     let booted = (|| -> Result<Client, Failure> {
         job.spawn_vmm()?;
+        stage(t0, "VMM spawned");
         let mut c = job.connect()?;
+        stage(t0, "API socket up, vmm.ping answered");
         let cfg = vm_config(spec, &job.paths, &d, landlock);
         if let Err(e) = c.create(&cfg) {
             // A failed create may still leave a stored config.
             let _ = c.delete();
             return Err(Failure::boot(e.to_string()));
         }
+        stage(t0, "vm.create returned");
         // Never retried: a second boot after a failed one is unsafe (facts §2).
         c.boot().map_err(|e| Failure::boot(e.to_string()))?;
+        stage(t0, "vm.boot returned");
         job.mark_running()?;
         Ok(c)
     })();
