@@ -264,11 +264,16 @@ fn main() {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let _ = writeln!(
         out,
-        "  load average during the run:              {}",
+        "  load average during the run:              {}{}",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" "),
+        if reniced {
+            " (bench and its children at nice -10)"
+        } else {
+            ""
+        }
     );
     match kids {
         Some(k) => {

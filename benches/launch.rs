@@ -33,7 +33,7 @@ struct Layout {
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const OVERHEAD_RUNS: usize = 9;
+const OVERHEAD_RUNS: usize = 15;
 const DISK_RUNS: usize = 21;
 const PARALLEL: usize = 32;
 

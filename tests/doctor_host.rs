@@ -164,3 +164,24 @@ fn human_output_quiet_and_no_colour() {
         assert!(!qt.contains("kvm.device"), "-q hides PASS: {qt}");
     }
 }
+
+#[test]
+fn nat_not_wanted_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("nonat.yaml");
+    let text = include_str!("../profiles/default.yaml").replace("  nat: true\n", "  nat: false\n");
+    std::fs::write(&p, text).unwrap();
+    let out = Command::new(common::chvkit())
+        .arg("--profile")
+        .arg(&p)
+        .args(["doctor", "--json", "--only", "net.nat"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &v["checks"][0];
+    assert_eq!(c["level"], "PASS", "{}", common::text(&out));
+    assert!(
+        c["summary"].as_str().unwrap_or("").contains("not wanted"),
+        "{c}"
+    );
+}

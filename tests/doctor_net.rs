@@ -305,6 +305,21 @@ fn tentative_address() {
 }
 
 #[test]
+fn ipv6_disabled_on_bridge() {
+    let Some((ns, _tap)) = seeded("dv6") else {
+        return;
+    };
+    break_and_fix(
+        &ns,
+        "sysctl -qw net.ipv6.conf.chvbr0.disable_ipv6=1",
+        "net.bridge_addr",
+        "FAIL",
+        &[],
+        &[],
+    );
+}
+
+#[test]
 fn bridge_down() {
     let Some((ns, _tap)) = seeded("ddown") else {
         return;

@@ -192,6 +192,7 @@ struct Subject<'a> {
 fn checksum(s: &Subject<'_>, a: &Artifact, f: &Facts) -> Finding {
     let (id, what, pin) = (s.id, s.what, s.pin);
     let get = download(&a.path, s.url, s.mode);
+    let lock = f.lock_path.display();
     let actual = match &a.sha256 {
         Some(Ok(h)) => h.clone(),
         Some(Err(e)) => {
@@ -202,11 +203,26 @@ fn checksum(s: &Subject<'_>, a: &Artifact, f: &Facts) -> Finding {
                 format!("ls -l {}", a.path.display()),
             )
         }
+        // Not hashed because there is nothing to compare the hash with.
+        None if matches!(expected(pin, s.key, f), Expected::None) => {
+            return Finding::warn(
+                id,
+                format!(
+                    "{what} cannot be verified: no sha256 pin in the profile and no lock file entry"
+                ),
+                format!(
+                    "Neither the profile pins a hash nor does {lock} record one (setup writes it \
+                     when it installs the file), so the file was not hashed; `sha256sum {}` \
+                     prints its hash.",
+                    a.path.display()
+                ),
+                "chvkit setup",
+            );
+        }
         None => {
             return Finding::skip(id, "not hashed", "", format!("chvkit doctor --only {id}"));
         }
     };
-    let lock = f.lock_path.display();
     match expected(pin, s.key, f) {
         Expected::Pin(e) | Expected::Lock(e, _) if e == actual => {
             let source = if pin.is_some() {

@@ -12,7 +12,7 @@ use crate::host::net::NetSnapshot;
 use crate::host::nft::{NftError, Ruleset};
 use crate::host::sysctl::Sysctls;
 use crate::host::tools::{self, ToolFacts};
-use crate::lockfile::ArtifactLock;
+use crate::lockfile::{self, ArtifactLock};
 use crate::Context;
 
 /// What a set of checks needs read.
@@ -122,17 +122,13 @@ impl Facts {
         let fw_path = ctx.root.path(p.firmware.path.as_path());
 
         let mut f = Facts {
-            // Only kvm.access needs it, and the lookup goes through NSS.
-            user: if has(need::KVM) {
-                UserIdentity::current()
-            } else {
-                UserIdentity {
-                    uid: nix::unistd::geteuid().as_raw(),
-                    gid: nix::unistd::getegid().as_raw(),
-                    groups: Vec::new(),
-                    name: None,
-                    via_sudo: false,
-                }
+            // Only kvm.access needs the real identity (an NSS lookup): read in the KVM thread.
+            user: UserIdentity {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+                groups: Vec::new(),
+                name: None,
+                via_sudo: false,
             },
             kvm: None,
             cpu: None,
@@ -151,24 +147,42 @@ impl Facts {
             // Files: hashing a ~4 MiB binary and running it are the slowest reads.
             let files_job = (has(need::CHV) || has(need::FIRMWARE) || has(need::LOCK)).then(|| {
                 s.spawn(|| {
+                    let lock = has(need::LOCK)
+                        .then(|| ArtifactLock::load(&lock_path).map_err(|e| e.to_string()));
+                    // Hash only what can be compared with something (a pin or a lock entry; an
+                    // unreadable lock file is reported with the actual hash).
+                    let comparable = |pinned: bool, key: &str| {
+                        pinned
+                            || match &lock {
+                                Some(Ok(Some(l))) => l.artifacts.contains_key(key),
+                                Some(Err(_)) => true,
+                                _ => false,
+                            }
+                    };
+                    let chv_hash = has(need::CHV_HASH)
+                        && comparable(
+                            p.cloud_hypervisor.sha256.is_some(),
+                            lockfile::CLOUD_HYPERVISOR,
+                        );
+                    let fw_hash = comparable(p.firmware.sha256.is_some(), lockfile::FIRMWARE);
                     let chv = has(need::CHV).then(|| {
                         timed("cloud-hypervisor binary", || {
-                            artifact(chv_path, has(need::CHV_HASH), has(need::CHV_VERSION))
+                            artifact(chv_path, chv_hash, has(need::CHV_VERSION))
                         })
                     });
                     let fw = has(need::FIRMWARE)
-                        .then(|| timed("firmware", || artifact(fw_path, true, false)));
-                    let lock = has(need::LOCK)
-                        .then(|| ArtifactLock::load(&lock_path).map_err(|e| e.to_string()));
+                        .then(|| timed("firmware", || artifact(fw_path, fw_hash, false)));
                     (chv, fw, lock)
                 })
             });
             // Destroying the probe VM waits for an RCU grace period (up to milliseconds).
             let kvm_job = has(need::KVM).then(|| {
                 s.spawn(|| {
-                    timed("/dev/kvm", || {
+                    let user = UserIdentity::current();
+                    let kvm = timed("/dev/kvm", || {
                         KvmFacts::probe(std::path::Path::new(DEV_KVM))
-                    })
+                    });
+                    (kvm, user)
                 })
             });
             let tools_job = has(need::TOOLS)
@@ -209,7 +223,10 @@ impl Facts {
                 }
             }
             if let Some(j) = kvm_job {
-                f.kvm = j.join().ok();
+                if let Ok((kvm, user)) = j.join() {
+                    f.kvm = Some(kvm);
+                    f.user = user;
+                }
             }
             if let Some(j) = tools_job {
                 f.tools = j.join().ok();

@@ -247,6 +247,21 @@ impl<'a> Net<'a> {
         }
         let want = self.gw_cidr();
         let br = self.br;
+        if self.f.sysctl.ipv6_conf(br).disable_ipv6 == Some(1) {
+            return Finding::fail(
+                ID,
+                format!("IPv6 is disabled on {br}"),
+                format!(
+                    "net.ipv6.conf.{br}.disable_ipv6=1 (often inherited from \
+                     net.ipv6.conf.default.disable_ipv6=1 when the bridge was created): it can \
+                     hold no IPv6 address. {SETUP_NOTE}"
+                ),
+                format!(
+                    "sysctl -w {}=0 && ip -6 addr replace {want} dev {br} nodad",
+                    ipv6_key(br, "disable_ipv6")
+                ),
+            );
+        }
         let readd = |found: &str| {
             format!("ip -6 addr del {found} dev {br} && ip -6 addr add {want} dev {br} nodad")
         };

@@ -13,7 +13,6 @@
 //! beats a file's `firmware_path`, which is what makes the seed's own recipe work); the file;
 //! the profile.
 
-use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -388,11 +387,6 @@ pub fn checker_env(identity: &Identity, api_url: &str) -> Vec<(String, String)> 
         ("CHECKER_GUEST_IP".to_string(), identity.ip_cidr()),
         ("CHECKER_GATEWAY".to_string(), identity.gateway.to_string()),
     ]
-}
-
-/// The guest gateway, for messages.
-pub fn gateway(ctx: &Context) -> Ipv6Addr {
-    ctx.profile.network.gateway
 }
 
 /// Check that boot files exist (the VMM would only say so at `vm.boot`, and a missing file is

@@ -58,6 +58,10 @@ pub enum DiskError {
     NotBootable { path: PathBuf, found: String },
     #[error("environment disk: {0}")]
     Env(#[from] crate::envfile::EnvError),
+    #[error(
+        "per-job disk {0} already exists (kept by an earlier `--keep` run of this job id?): move it away or use another --job-id"
+    )]
+    Exists(PathBuf),
 }
 
 /// How the job disk was made.
@@ -128,6 +132,12 @@ pub fn prepare(rootfs: &Path, dest_stem: &Path, bases: &Path) -> Result<JobDisk,
     })?;
     if let Some(parent) = dest_stem.parent() {
         fs::create_dir_all(parent).map_err(io("disk directory", parent))?;
+    }
+    for ext in ["raw", "qcow2"] {
+        let p = dest_stem.with_extension(ext);
+        if p.exists() {
+            return Err(DiskError::Exists(p));
+        }
     }
     if !is_qcow {
         let dest = dest_stem.with_extension("raw");
@@ -444,8 +454,10 @@ mod tests {
             .unwrap();
         let c = prepare(&rootfs, &d.path().join("jobs/c"), &bases).unwrap();
         assert_ne!(c.base, a.base);
-        // The destination already existing is an error, not an overwrite.
-        assert!(prepare(&rootfs, &d.path().join("jobs/a"), &bases).is_err());
+        // The destination already existing is an error naming it, not an overwrite.
+        let e = prepare(&rootfs, &d.path().join("jobs/a"), &bases).unwrap_err();
+        assert!(matches!(e, DiskError::Exists(_)), "{e}");
+        assert!(e.to_string().contains("jobs/a.qcow2"), "{e}");
     }
 
     #[test]

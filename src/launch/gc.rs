@@ -133,7 +133,7 @@ pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
         match collect_job(&paths, a.dry_run) {
             Ok(done) => {
                 for d in &done {
-                    println!("{id}: {d}");
+                    say!("{id}: {d}");
                 }
                 collected += 1;
                 if a.dry_run {
@@ -151,7 +151,7 @@ pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
     if a.bases {
         failures += gc_bases(ctx, a.dry_run);
     }
-    println!(
+    say!(
         "gc: {collected} dead job(s) {}, {live} live job(s) left alone{}",
         if a.dry_run { "to collect" } else { "collected" },
         if failures > 0 {
@@ -194,7 +194,7 @@ fn gc_bases(ctx: &Context, dry_run: bool) -> i32 {
         if src.still_matches() || in_use.contains(&img) {
             continue;
         }
-        println!(
+        say!(
             "{} base {} (its rootfs {} changed or is gone)",
             if dry_run { "would remove" } else { "remove" },
             img.display(),

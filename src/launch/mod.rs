@@ -2,6 +2,14 @@
 //! Hypervisor's REST API, from a prepared disk and TAP to its exit status, with nothing left
 //! behind. See docs/launch.md.
 
+/// `println!` that ignores a closed stdout (`chvkit vm ls | head` must not panic).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 pub mod api;
 pub mod cleanup;
 pub mod config;

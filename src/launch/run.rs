@@ -760,7 +760,7 @@ pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
             let r = serde_json::json!({
                 "job_id": job_id, "exit_code": f.code, "reason": f.reason, "detail": f.message,
             });
-            println!("{r}");
+            say!("{r}");
         }
         eprintln!(
             "chvkit: job {job_id}: {}: {}",
@@ -769,7 +769,10 @@ pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
         );
         f.code
     };
-    match prepare_and_run(ctx, &a, &mut spec, &sigs) {
+    let t0 = Instant::now();
+    let done = prepare_and_run(ctx, &a, &mut spec, &sigs);
+    stage(t0, "launch finished");
+    match done {
         Ok(Done::Detached(report)) => {
             if !report.ok {
                 let f = Failure {
@@ -784,10 +787,10 @@ pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
                 return Ok(print_failure(&f));
             }
             if json {
-                println!("{}", report.extra);
+                say!("{}", report.extra);
             } else {
                 let e = &report.extra;
-                println!(
+                say!(
                     "{} running: ip {}, mac {}, tap {}, vmm pid {} (vm.boot returned {} ms after start)",
                     job_id,
                     e["ip"].as_str().unwrap_or(""),
@@ -813,7 +816,7 @@ pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
                     tap: &id.tap,
                     kept_disk: kept.as_deref(),
                 };
-                println!("{}", serde_json::to_string(&r)?);
+                say!("{}", serde_json::to_string(&r)?);
             }
             if out.reason != "exited" {
                 eprintln!(
@@ -895,20 +898,6 @@ fn prepare_and_run(
         spec.landlock_write_dirs = dirs.clone();
         job.state.landlock_write_dirs = dirs;
     }
-    let d = job.prepare_disk(&spec.rootfs)?;
-    stage(t0, "per-job disk ready");
-    if let Some(s) = sigs.pending() {
-        return Err(Failure::new(
-            code::SIGNAL_BASE + s as i32,
-            "signal",
-            format!("{} received while preparing", s.as_str()),
-        ));
-    }
-    job.write_env_disk(&spec.env)?;
-    stage(t0, "env disk written");
-    job.create_tap()?;
-    stage(t0, "TAP created, attached, up");
-
     let mut reporter = None;
     let mut job = if a.detach {
         match fork_supervisor(job)? {
@@ -924,13 +913,31 @@ fn prepare_and_run(
     } else {
         job
     };
+    stage(t0, "supervisor forked");
     let started = Instant::now();
+    let mut created = false;
     let booted = (|| -> Result<Client, Failure> {
+        // The VMM starts (exec, API socket: a few ms) while the disk, env disk and TAP are
+        // prepared; it needs none of them before vm.create/vm.boot.
         job.spawn_vmm()?;
         stage(t0, "VMM spawned");
+        let d = job.prepare_disk(&spec.rootfs)?;
+        stage(t0, "per-job disk ready");
+        if let Some(s) = sigs.pending() {
+            return Err(Failure::new(
+                code::SIGNAL_BASE + s as i32,
+                "signal",
+                format!("{} received while preparing", s.as_str()),
+            ));
+        }
+        job.write_env_disk(&spec.env)?;
+        stage(t0, "env disk written");
+        job.create_tap()?;
+        stage(t0, "TAP created, attached, up");
         let mut c = job.connect()?;
         stage(t0, "API socket up, vmm.ping answered");
         let cfg = vm_config(spec, &job.paths, &d, landlock);
+        created = true;
         if let Err(e) = c.create(&cfg) {
             // A failed create may still leave a stored config.
             let _ = c.delete();
@@ -947,7 +954,12 @@ fn prepare_and_run(
         Ok(c) => c,
         Err(f) => {
             if let Some(v) = job.vmm.as_mut() {
-                let _ = v.stop(Some(&mut Client::new(&job.paths.socket)), spec.grace);
+                if created {
+                    let _ = v.stop(Some(&mut Client::new(&job.paths.socket)), spec.grace);
+                } else {
+                    // No VM was ever created in it: nothing to shut down in order.
+                    v.kill_and_reap();
+                }
             }
             job.finish(
                 Some(ExitInfo {

@@ -139,7 +139,7 @@ fn simple(
     };
     match f(&mut c) {
         Ok(()) => {
-            println!("{job} {done}");
+            say!("{job} {done}");
             Ok(exit::OK)
         }
         Err(e) => fail(format!("job {job}: {e}")),
@@ -213,7 +213,7 @@ fn ls(ctx: &Context, json: bool) -> anyhow::Result<i32> {
         });
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        say!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(exit::OK);
     }
     let mut out = io::stdout().lock();
@@ -254,26 +254,26 @@ fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
         let v = serde_json::json!({
             "job_id": job, "live": t.live, "state": t.state, "vm_info": vm_info, "vm_info_error": err,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(exit::OK);
     }
-    println!("job:       {job}");
-    println!("live:      {}", t.live);
+    say!("job:       {job}");
+    say!("live:      {}", t.live);
     if let Some(s) = &t.state {
-        println!("phase:     {}", s.phase);
-        println!(
+        say!("phase:     {}", s.phase);
+        say!(
             "vmm:       {} (pid {})",
             s.vmm_bin.display(),
             s.vmm_pid
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into())
         );
-        println!("boot:      {}", s.boot);
-        println!("ip:        {} (gateway {})", s.ip, s.gateway);
-        println!("mac:       {}", s.mac);
-        println!("tap:       {} on {}", s.tap, s.bridge);
+        say!("boot:      {}", s.boot);
+        say!("ip:        {} (gateway {})", s.ip, s.gateway);
+        say!("mac:       {}", s.mac);
+        say!("tap:       {} on {}", s.tap, s.bridge);
         if let Some(d) = &s.disk {
-            println!(
+            say!(
                 "disk:      {} ({:?}{})",
                 d.path.display(),
                 d.kind,
@@ -283,10 +283,10 @@ fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
                     .unwrap_or_default()
             );
         }
-        println!("landlock:  {}", s.landlock);
-        println!("run dir:   {}", t.paths.dir.display());
+        say!("landlock:  {}", s.landlock);
+        say!("run dir:   {}", t.paths.dir.display());
         if let Some(e) = &s.exit {
-            println!(
+            say!(
                 "exit:      {} ({}){}",
                 e.code,
                 e.reason,
@@ -298,10 +298,10 @@ fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
         }
     }
     if let Some(v) = vm_info {
-        println!("vm.info:\n{}", serde_json::to_string_pretty(&v)?);
+        say!("vm.info:\n{}", serde_json::to_string_pretty(&v)?);
     }
     if let Some(e) = err {
-        println!("vm.info:   {e}");
+        say!("vm.info:   {e}");
     }
     Ok(exit::OK)
 }
@@ -387,9 +387,9 @@ fn stop(ctx: &Context, job: &str, grace: &str) -> anyhow::Result<i32> {
         .map(|e| format!(" ({}, code {})", e.reason.replace('_', " "), e.code))
         .unwrap_or_default();
     if was_live {
-        println!("{job} stopped{how}");
+        say!("{job} stopped{how}");
     } else {
-        println!("{job} was not running{how}; removed what it left");
+        say!("{job} was not running{how}; removed what it left");
     }
     Ok(exit::OK)
 }
@@ -435,7 +435,13 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
         return fail(format!("job {job}: no state file"));
     };
     let dir = std::path::absolute(dir)?;
-    if let Err(e) = fs::create_dir_all(&dir) {
+    // Guest memory lands here: private by default.
+    use std::os::unix::fs::DirBuilderExt;
+    if let Err(e) = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+    {
         return fail(format!("snapshot dir {}: {e}", dir.display()));
     }
     if !is_empty_dir(&dir)? {
@@ -520,7 +526,7 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
         }
         meta.live_disk = st.disk.as_ref().map(|d| d.path.clone());
         write_meta(&dir, &meta)?;
-        println!(
+        say!(
             "{job}: snapshot written to {} in {snapshot_ms} ms; VM {}",
             dir.display(),
             if paused_here {
@@ -564,7 +570,7 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
         Ok(_) => lock.release_and_remove(),
         Err(e) => eprintln!("chvkit: job {job}: {e}"),
     }
-    println!(
+    say!(
         "{job}: snapshot written to {} in {snapshot_ms} ms; job stopped, its disk moved into the snapshot",
         dir.display()
     );
@@ -633,7 +639,7 @@ fn restore(
     let sigs = Signals::block()?;
     let print_failure = |f: &Failure| {
         if json {
-            println!(
+            say!(
                 "{}",
                 serde_json::json!({"job_id": job_id, "exit_code": f.code, "reason": f.reason, "detail": f.message})
             );
@@ -649,10 +655,10 @@ fn restore(
     match r {
         Ok(RestoreDone::Parent(rep)) if rep.ok => {
             if json {
-                println!("{}", rep.extra);
+                say!("{}", rep.extra);
             } else {
                 let e = &rep.extra;
-                println!(
+                say!(
                     "{job_id} restored from {}: vm.restore took {} ms, running {} ms after start (ip {}, tap {}, vmm pid {})",
                     dir.display(),
                     e["restore_ms"],

@@ -137,11 +137,13 @@ impl Vmm {
                 Ok(())
             });
         }
+        let t = std::time::Instant::now();
         let child = cmd.spawn().map_err(|source| VmmError::Spawn {
             bin: bin.to_path_buf(),
             source,
         })?;
         let pid = child.id() as i32;
+        tracing::trace!(us = t.elapsed().as_micros() as u64, "spawned the VMM");
         // SAFETY: pidfd_open has no memory arguments; the result is checked before use.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
