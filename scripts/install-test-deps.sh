@@ -32,6 +32,7 @@ want strace strace
 want ps procps
 want setpriv util-linux
 want qemu-img qemu-utils
+want mkfs.xfs xfsprogs
 want /usr/lib/x86_64-linux-gnu/libnftables.so.1 libnftables1
 # The QEMU guest harness boots Debian's cloud kernel.
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)

@@ -1093,3 +1093,65 @@ fn cloud_hypervisor_launch_env_disk_carries_checker_env() {
     assert!(e.chvkit(&["vm", "stop", "envj"]).status.success());
     e.assert_clean("envj", None);
 }
+
+#[test]
+fn cloud_hypervisor_launch_reflink_disk_on_xfs() {
+    let t = "cloud_hypervisor_launch_reflink_disk_on_xfs";
+    if !common::require(t, true, &["mkfs.xfs", "unshare", "mount"]) {
+        return;
+    }
+    let Some(e) = Env::new(t, Which::Standin) else {
+        return;
+    };
+    // An XFS filesystem with reflink, mounted in a private mount namespace that only the
+    // commands below live in (the host's mount table never sees it).
+    let img = e.work.path().join("xfs.img");
+    let mnt = e.work.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "truncate -s 400M {0} && mkfs.xfs -q -m reflink=1 {0}",
+            img.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let chv = format!(
+        "ip netns exec {} env CHV_BIN={} {} --root {}",
+        e.ns.name,
+        e.bin.path.display(),
+        common::chvkit().display(),
+        e.root.path().display()
+    );
+    let script = format!(
+        "set -e; mount -o loop {img} {mnt}; cp --sparse=always {rootfs} {mnt}/rootfs.raw; \
+         {chv} launch --rootfs {mnt}/rootfs.raw --kernel {kernel} --bridge br0 --job-id rl \
+           --memory 128 --disk-dir {mnt}/disks --detach >/dev/null; \
+         {chv} vm info rl --json; \
+         ls {mnt}/disks; \
+         {chv} vm stop rl >/dev/null; \
+         echo left: $(ls {mnt}/disks | wc -l); umount {mnt}",
+        img = img.display(),
+        mnt = mnt.display(),
+        rootfs = e.rootfs.display(),
+        kernel = e.kernel.display(),
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let json_end = out.rfind('}').unwrap();
+    let info: serde_json::Value = serde_json::from_str(&out[..=json_end]).unwrap();
+    assert_eq!(info["state"]["disk"]["kind"], "reflink", "{info}");
+    // (v50.0 does not keep `image_type` in its config, so vm.info cannot echo it.)
+    let disk0 = info["vm_info"]["config"]["disks"][0]["path"]
+        .as_str()
+        .unwrap();
+    assert!(disk0.ends_with("/disks/rl.raw"), "{info}");
+    assert!(out.contains("rl.raw"), "{out}");
+    assert!(out.contains("left: 0"), "{out}");
+    e.assert_clean("rl", None);
+}

@@ -1034,3 +1034,96 @@ fn prepare_and_run(
     }
     Ok(Done::Finished(out, kept))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::disk::DiskKind;
+
+    fn spec(boot: Boot) -> LaunchSpec {
+        let p = crate::profile::Profile::embedded().unwrap();
+        LaunchSpec {
+            identity: Identity::derive("j1", p.network.prefix, p.network.gateway).unwrap(),
+            rootfs: "/r.raw".into(),
+            boot,
+            cpus: 2,
+            memory_mib: 512,
+            bridge: "chvbr0".into(),
+            api_url: "http://[fdcd::1]:8080".into(),
+            env: vec![],
+            timeout: None,
+            grace: Duration::from_secs(3),
+            landlock_write_dirs: vec!["/snap".into()],
+        }
+    }
+
+    fn paths() -> JobPaths {
+        let ctx = Context {
+            profile: crate::profile::Profile::embedded().unwrap(),
+            profile_source: "t".into(),
+            root: crate::paths::Root::new(Some("/x".into())),
+        };
+        JobPaths::new(&ctx, "j1", None)
+    }
+
+    #[test]
+    fn vm_create_body_has_the_full_config() {
+        let s = spec(Boot::Kernel {
+            kernel: "/k".into(),
+            initramfs: Some("/i".into()),
+            cmdline: "console=ttyS0 root=/dev/vda rw chvkit.env=/dev/vdb".into(),
+            source: "--kernel",
+        });
+        let d = JobDisk {
+            path: "/x/var/lib/chvkit/disks/j1.qcow2".into(),
+            kind: DiskKind::Qcow2Overlay,
+            base: Some("/x/var/lib/chvkit/bases/b.qcow2".into()),
+        };
+        let c = vm_config(&s, &paths(), &d, true);
+        assert_eq!(
+            c["cpus"],
+            serde_json::json!({"boot_vcpus": 2, "max_vcpus": 2})
+        );
+        assert_eq!(c["memory"]["size"], 512u64 << 20);
+        assert_eq!(c["payload"]["kernel"], "/k");
+        assert_eq!(c["payload"]["initramfs"], "/i");
+        assert_eq!(c["disks"][0]["image_type"], "Qcow2");
+        assert_eq!(c["disks"][0]["backing_files"], true);
+        assert_eq!(c["disks"][0]["readonly"], false);
+        assert_eq!(c["disks"][1]["image_type"], "Raw");
+        assert_eq!(c["disks"][1]["readonly"], true);
+        assert_eq!(c["disks"][1]["path"], "/x/run/chvkit/j1/env.img");
+        // Only tap and mac: `ip`/`mask` would configure the host side.
+        let net = c["net"][0].as_object().unwrap();
+        assert_eq!(net.keys().collect::<Vec<_>>(), ["mac", "tap"]);
+        assert_eq!(net["tap"], s.identity.tap.as_str());
+        assert_eq!(
+            c["serial"],
+            serde_json::json!({"mode": "File", "file": "/x/run/chvkit/j1/serial.log"})
+        );
+        assert_eq!(c["console"]["mode"], "Off");
+        assert_eq!(c["rng"]["src"], "/dev/urandom");
+        assert_eq!(c["pvpanic"], true);
+        assert_eq!(c["landlock_enable"], true);
+        let rules = c["landlock_rules"].as_array().unwrap();
+        let has = |p: &str, a: &str| rules.iter().any(|r| r["path"] == p && r["access"] == a);
+        assert!(has("/x/var/lib/chvkit/bases/b.qcow2", "r"));
+        assert!(has(&format!("/sys/class/net/{}", s.identity.tap), "r"));
+        assert!(has("/snap", "rw"));
+
+        let raw = JobDisk {
+            path: "/d.raw".into(),
+            kind: DiskKind::Reflink,
+            base: None,
+        };
+        let fw = spec(Boot::Firmware {
+            firmware: "/fw".into(),
+            source: "--firmware",
+        });
+        let c = vm_config(&fw, &paths(), &raw, false);
+        assert_eq!(c["payload"], serde_json::json!({"firmware": "/fw"}));
+        assert_eq!(c["disks"][0]["image_type"], "Raw");
+        assert!(c["disks"][0].get("backing_files").is_none());
+        assert!(c.get("landlock_rules").is_none());
+    }
+}
