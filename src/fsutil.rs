@@ -5,6 +5,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use serde::{de::DeserializeOwned, Serialize};
+
 /// A temporary file next to `dest` (same filesystem, so the final rename is atomic). It is
 /// removed on drop unless [`AtomicFile::commit`] renamed it into place.
 pub struct AtomicFile {
@@ -100,6 +102,88 @@ pub fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let mut f = AtomicFile::create(dest, mode)?;
     f.write_all(data)?;
     f.commit()
+}
+
+/// A JSON file chvkit keeps its own records in, with a `schema` number checked on load.
+pub trait Versioned: Serialize + DeserializeOwned {
+    /// What the file is, for messages: `lock file`, `setup state`.
+    const WHAT: &'static str;
+    const SCHEMA: u32;
+    fn schema(&self) -> u32;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JsonFileError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {path} is not valid ({source}); move it away to start over")]
+    Parse {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{what} {path} has schema {found}, this chvkit understands {expected}")]
+    Schema {
+        what: &'static str,
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("cannot write {what} {path}: {source}")]
+    Write {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `Ok(None)` when the file does not exist yet.
+pub fn load_json<T: Versioned>(path: &Path) -> Result<Option<T>, JsonFileError> {
+    let (what, path) = (T::WHAT, path.to_path_buf());
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(JsonFileError::Read { what, path, source }),
+    };
+    let v: T = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(source) => return Err(JsonFileError::Parse { what, path, source }),
+    };
+    if v.schema() != T::SCHEMA {
+        let found = v.schema();
+        let expected = T::SCHEMA;
+        return Err(JsonFileError::Schema {
+            what,
+            path,
+            found,
+            expected,
+        });
+    }
+    Ok(Some(v))
+}
+
+/// Write `v` atomically with `mode`, only if that changes the file's content (a run that
+/// changes nothing leaves it byte-for-byte as it was). Returns whether it wrote.
+pub fn save_json<T: Versioned>(path: &Path, v: &T, mode: u32) -> Result<bool, JsonFileError> {
+    // Serialising plain data with string keys cannot fail.
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
+    text.push('\n');
+    if fs::read(path).ok().as_deref() == Some(text.as_bytes()) {
+        return Ok(false);
+    }
+    write_atomic(path, text.as_bytes(), mode).map_err(|source| JsonFileError::Write {
+        what: T::WHAT,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -15,29 +15,7 @@ pub const SCHEMA: u32 = 1;
 pub const CLOUD_HYPERVISOR: &str = "cloud_hypervisor";
 pub const FIRMWARE: &str = "firmware";
 
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    #[error("cannot read lock file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("lock file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("lock file {path} has schema {found}, this chvkit understands {SCHEMA}")]
-    Schema { path: PathBuf, found: u32 },
-    #[error("cannot write lock file {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub type LockError = fsutil::JsonFileError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,40 +52,19 @@ impl ArtifactLock {
 
     /// `Ok(None)` when no lock file exists yet.
     pub fn load(path: &Path) -> Result<Option<ArtifactLock>, LockError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(LockError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        let lock: ArtifactLock =
-            serde_json::from_str(&text).map_err(|source| LockError::Parse {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        if lock.schema != SCHEMA {
-            return Err(LockError::Schema {
-                path: path.to_path_buf(),
-                found: lock.schema,
-            });
-        }
-        Ok(Some(lock))
+        fsutil::load_json(path)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), LockError> {
-        let mut text = serde_json::to_string_pretty(self).map_err(|source| LockError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        text.push('\n');
-        fsutil::write_atomic(path, text.as_bytes(), 0o644).map_err(|source| LockError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+        fsutil::save_json(path, self, 0o644).map(|_| ())
+    }
+}
+
+impl fsutil::Versioned for ArtifactLock {
+    const WHAT: &'static str = "lock file";
+    const SCHEMA: u32 = SCHEMA;
+    fn schema(&self) -> u32 {
+        self.schema
     }
 }
 

@@ -92,12 +92,26 @@ impl<'a> Net<'a> {
         s.link(self.br).filter(|l| l.is_bridge())
     }
 
-    fn needs_bridge(&self, id: &'static str) -> Finding {
-        Finding::skip(
-            id,
-            format!("no bridge {}", self.br),
-            "Depends on net.bridge (its fix creates the bridge).",
-            self.create_bridge_cmd(),
+    /// The links and the bridge, for the checks that depend on net.bridge.
+    fn bridge_found(&self, id: &'static str) -> Result<(&'a NetSnapshot, &'a Link), Finding> {
+        let s = self.snapshot(id)?;
+        match self.bridge_link(s) {
+            Some(b) => Ok((s, b)),
+            None => Err(Finding::skip(
+                id,
+                format!("no bridge {}", self.br),
+                "Depends on net.bridge (its fix creates the bridge).",
+                self.create_bridge_cmd(),
+            )),
+        }
+    }
+
+    /// Bring the bridge up and (again: going down dropped it) give it the gateway address.
+    fn up_and_address_cmd(&self) -> String {
+        format!(
+            "ip link set {br} up && ip -6 addr replace {} dev {br} nodad",
+            self.gw_cidr(),
+            br = self.br
         )
     }
 
@@ -110,7 +124,7 @@ impl<'a> Net<'a> {
                 format!("{e}. Listing rules needs CAP_NET_ADMIN."),
                 format!("sudo chvkit doctor --only {id}"),
             )),
-            Some(Err(e @ NftError::Unavailable)) => Err(Finding::skip(
+            Some(Err(e @ NftError::Unavailable { .. })) => Err(Finding::skip(
                 id,
                 "nftables is not installed: rules cannot be read",
                 format!(
@@ -137,12 +151,12 @@ impl<'a> Net<'a> {
     fn create_bridge_cmd(&self) -> String {
         let br = self.br;
         format!(
-            "ip link add {br} type bridge && {} && ip link set {br} up && ip -6 addr replace {} dev {br} nodad",
+            "ip link add {br} type bridge && {} && {}",
             sysctl_w(&[
                 (ipv6_key(br, "accept_dad"), 0),
                 (ipv6_key(br, "dad_transmits"), 0)
             ]),
-            self.gw_cidr()
+            self.up_and_address_cmd()
         )
     }
 
@@ -189,12 +203,9 @@ impl<'a> Net<'a> {
 
     pub fn bridge_up(&self) -> Finding {
         const ID: &str = "net.bridge_up";
-        let s = match self.snapshot(ID) {
-            Ok(s) => s,
+        let (_, b) = match self.bridge_found(ID) {
+            Ok(found) => found,
             Err(f) => return f,
-        };
-        let Some(b) = self.bridge_link(s) else {
-            return self.needs_bridge(ID);
         };
         if !b.admin_up {
             return Finding::fail(
@@ -205,11 +216,7 @@ impl<'a> Net<'a> {
                      {} must be added again after `up`. {SETUP_NOTE}",
                     self.gw_cidr()
                 ),
-                format!(
-                    "ip link set {br} up && ip -6 addr replace {} dev {br} nodad",
-                    self.gw_cidr(),
-                    br = self.br
-                ),
+                self.up_and_address_cmd(),
             );
         }
         let carrier = if b.lower_up {
@@ -226,23 +233,16 @@ impl<'a> Net<'a> {
 
     pub fn bridge_addr(&self) -> Finding {
         const ID: &str = "net.bridge_addr";
-        let s = match self.snapshot(ID) {
-            Ok(s) => s,
+        let (s, b) = match self.bridge_found(ID) {
+            Ok(found) => found,
             Err(f) => return f,
-        };
-        let Some(b) = self.bridge_link(s) else {
-            return self.needs_bridge(ID);
         };
         if !b.admin_up {
             return Finding::skip(
                 ID,
                 format!("{} is down", self.br),
                 "A down link has no IPv6 addresses; net.bridge_up's fix adds the gateway back.",
-                format!(
-                    "ip link set {br} up && ip -6 addr replace {} dev {br} nodad",
-                    self.gw_cidr(),
-                    br = self.br
-                ),
+                self.up_and_address_cmd(),
             );
         }
         let want = self.gw_cidr();
@@ -326,12 +326,9 @@ impl<'a> Net<'a> {
 
     pub fn dad(&self) -> Finding {
         const ID: &str = "net.dad";
-        let s = match self.snapshot(ID) {
-            Ok(s) => s,
+        let (_, b) = match self.bridge_found(ID) {
+            Ok(found) => found,
             Err(f) => return f,
-        };
-        let Some(b) = self.bridge_link(s) else {
-            return self.needs_bridge(ID);
         };
         let br = self.br;
         let bc = self.f.sysctl.ipv6_conf(br);
@@ -1026,12 +1023,9 @@ impl<'a> Net<'a> {
 
     pub fn taps(&self) -> Finding {
         const ID: &str = "net.taps";
-        let s = match self.snapshot(ID) {
-            Ok(s) => s,
+        let (s, b) = match self.bridge_found(ID) {
+            Ok(found) => found,
             Err(f) => return f,
-        };
-        let Some(b) = self.bridge_link(s) else {
-            return self.needs_bridge(ID);
         };
         let br = self.br;
         let taps: Vec<&Link> = s

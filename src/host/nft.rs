@@ -7,29 +7,33 @@
 //! for those rules a second, text listing with handles supplies the statement text
 //! (`ct state related,established`) and [`Stmt::Xt`] carries it.
 //!
-//! Only when the library is absent does this spawn `nft -j list ruleset`.
-//! `CHVKIT_LIBNFTABLES` names another library file (as for `chvkit setup`).
+//! Commands run through [`Nft`], which `chvkit setup` also loads its table with. Only when the
+//! library is absent does it spawn `nft` (`nft -j list ruleset` here).
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::io::Write;
 use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use serde::Serialize;
 use serde_json::Value as Json;
 
-/// `NFT_CTX_OUTPUT_*` flags (nftables/libnftables.h).
-const OUTPUT_STATELESS: c_uint = 1 << 2;
-const OUTPUT_HANDLE: c_uint = 1 << 3;
-const OUTPUT_JSON: c_uint = 1 << 4;
+/// `NFT_CTX_OUTPUT_*` flags (nftables/libnftables.h), for [`Nft::run`].
+pub const OUTPUT_STATELESS: c_uint = 1 << 2;
+pub const OUTPUT_HANDLE: c_uint = 1 << 3;
+pub const OUTPUT_JSON: c_uint = 1 << 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("nftables: `{command}` failed: {message}")]
     Command { command: String, message: String },
     #[error(
-        "nftables: neither libnftables.so.1 nor the `nft` command is available (install nftables)"
+        "nftables: cannot load libnftables ({lib_error}) and no `nft` command was found \
+         (install nftables)"
     )]
-    Unavailable,
+    Unavailable { lib_error: String },
     #[error("nftables: unexpected JSON: {0}")]
     Json(String),
 }
@@ -451,28 +455,15 @@ impl Ruleset {
                 message: "Operation not permitted (this process lacks CAP_NET_ADMIN)".into(),
             });
         }
-        match Library::open() {
-            Some(lib) => {
-                let ctx = lib.context()?;
-                let json = ctx.run("list ruleset", OUTPUT_JSON | OUTPUT_STATELESS)?;
-                let mut rs = Ruleset::from_json(&json, Source::Library)?;
-                for (family, table) in rs.tables_with_xt_matches() {
-                    let cmd = format!("list table {family} {table}");
-                    let text = ctx.run(&cmd, OUTPUT_HANDLE | OUTPUT_STATELESS)?;
-                    rs.attach_xt_text(&text);
-                }
-                Ok(rs)
-            }
-            None => {
-                let json = run_nft(&["-j", "list", "ruleset"])?;
-                let mut rs = Ruleset::from_json(&json, Source::NftCommand)?;
-                for (family, table) in rs.tables_with_xt_matches() {
-                    let text = run_nft(&["-a", "-s", "list", "table", &family, &table])?;
-                    rs.attach_xt_text(&text);
-                }
-                Ok(rs)
-            }
+        let nft = Nft::open()?;
+        let json = nft.run("list ruleset", OUTPUT_JSON | OUTPUT_STATELESS)?;
+        let mut rs = Ruleset::from_json(&json, nft.source())?;
+        for (family, table) in rs.tables_with_xt_matches() {
+            let cmd = format!("list table {family} {table}");
+            let text = nft.run(&cmd, OUTPUT_HANDLE | OUTPUT_STATELESS)?;
+            rs.attach_xt_text(&text);
         }
+        Ok(rs)
     }
 
     /// Parse `nft -j list ruleset` output.
@@ -847,138 +838,201 @@ pub fn rule_texts_by_handle(listing: &str) -> HashMap<(String, String, u64), Str
     out
 }
 
-/// Spawn `nft ARGS` (fallback when libnftables cannot be loaded).
-fn run_nft(args: &[&str]) -> Result<String, NftError> {
-    let command = format!("nft {}", args.join(" "));
-    super::count_child();
-    let out = std::process::Command::new("nft")
-        .args(args)
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                NftError::Unavailable
-            } else {
-                NftError::Command {
-                    command: command.clone(),
-                    message: e.to_string(),
-                }
-            }
-        })?;
-    if !out.status.success() {
-        return Err(NftError::Command {
-            command,
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-type NewFn = unsafe extern "C" fn(u32) -> *mut c_void;
+type NewFn = unsafe extern "C" fn(c_uint) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
 type SetFlagsFn = unsafe extern "C" fn(*mut c_void, c_uint);
 type BufferFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type GetBufferFn = unsafe extern "C" fn(*mut c_void) -> *const c_char;
 type RunFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
 
-/// `libnftables.so.1`, resolved once per read.
-struct Library {
-    // Keeps the code of the function pointers below mapped.
-    _lib: libloading::Library,
-    ctx_new: NewFn,
-    ctx_free: FreeFn,
-    set_output_flags: SetFlagsFn,
-    buffer_output: BufferFn,
-    buffer_error: BufferFn,
-    get_output: GetBufferFn,
-    get_error: GetBufferFn,
-    run_cmd: RunFn,
+/// Runs nftables commands: in-process through a libnftables context when the library loads
+/// (`CHVKIT_LIBNFTABLES` names another file), else through the `nft` command (`CHVKIT_NFT`, or
+/// `nft` on `PATH`). The host model lists with it; `setup` also loads transactions with it.
+pub struct Nft {
+    backend: Backend,
 }
 
-impl Library {
-    fn open() -> Option<Library> {
-        // SAFETY: loading libnftables runs its (side-effect free) ELF constructors only.
-        let name = std::env::var("CHVKIT_LIBNFTABLES")
+enum Backend {
+    Lib(LibContext),
+    Cli(PathBuf),
+}
+
+impl Nft {
+    pub fn open() -> Result<Nft, NftError> {
+        let lib_path = std::env::var("CHVKIT_LIBNFTABLES")
             .ok()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "libnftables.so.1".to_string());
-        let lib = unsafe { libloading::Library::new(name) }.ok()?;
-        // SAFETY: the signatures match nftables/libnftables.h (stable since nftables 0.9).
+        let lib_error = match LibContext::load(&lib_path) {
+            Ok(ctx) => {
+                return Ok(Nft {
+                    backend: Backend::Lib(ctx),
+                })
+            }
+            Err(e) => e,
+        };
+        let cli = match std::env::var_os("CHVKIT_NFT").filter(|s| !s.is_empty()) {
+            Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
+            None => super::tools::find_in_path("nft"),
+        };
+        match cli {
+            Some(p) => {
+                tracing::info!(
+                    "libnftables unavailable ({lib_error}); using {}",
+                    p.display()
+                );
+                Ok(Nft {
+                    backend: Backend::Cli(p),
+                })
+            }
+            None => Err(NftError::Unavailable { lib_error }),
+        }
+    }
+
+    pub fn source(&self) -> Source {
+        match self.backend {
+            Backend::Lib(_) => Source::Library,
+            Backend::Cli(_) => Source::NftCommand,
+        }
+    }
+
+    /// Run `cmd` (one command or a whole script, as `nft -f` takes it) with `NFT_CTX_OUTPUT_*`
+    /// `flags`; returns what it printed.
+    pub fn run(&self, cmd: &str, flags: c_uint) -> Result<String, NftError> {
+        let failed = |message: String| NftError::Command {
+            command: format!("nft {}", cmd.lines().next().unwrap_or_default()),
+            message,
+        };
+        match &self.backend {
+            Backend::Lib(ctx) => ctx.run(cmd, flags).map_err(failed),
+            Backend::Cli(path) => run_cli(path, cmd, flags).map_err(failed),
+        }
+    }
+}
+
+/// `nft` with the options matching `flags`. The command goes in on stdin (`-f -`), which takes
+/// multi-line scripts as they are, except with `-j`: `nft -j -f` parses its input as JSON.
+fn run_cli(path: &Path, cmd: &str, flags: c_uint) -> Result<String, String> {
+    super::count_child();
+    let mut c = Command::new(path);
+    for (flag, opt) in [
+        (OUTPUT_JSON, "-j"),
+        (OUTPUT_HANDLE, "-a"),
+        (OUTPUT_STATELESS, "-s"),
+    ] {
+        if flags & flag != 0 {
+            c.arg(opt);
+        }
+    }
+    let json = flags & OUTPUT_JSON != 0;
+    if json {
+        c.arg(cmd).stdin(Stdio::null());
+    } else {
+        c.args(["-f", "-"]).stdin(Stdio::piped());
+    }
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(cmd.as_bytes())
+            .map_err(|e| format!("writing to {}: {e}", path.display()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {}: {e}", path.display()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// A libnftables context with buffered output. The function pointers are copied out of the
+/// library, which is dropped after `Drop::drop` has freed the context.
+struct LibContext {
+    ctx: *mut c_void,
+    ctx_free: FreeFn,
+    set_output_flags: SetFlagsFn,
+    get_output: GetBufferFn,
+    get_error: GetBufferFn,
+    run_cmd: RunFn,
+    _lib: libloading::Library,
+}
+
+impl LibContext {
+    fn load(path: &str) -> Result<LibContext, String> {
+        let fail = |e: libloading::Error| format!("{path}: {e}");
+        // SAFETY: loading libnftables runs its (side-effect free) ELF constructors only; the
+        // signatures match nftables/libnftables.h (stable since nftables 0.9).
         unsafe {
-            let ctx_new = *lib.get::<NewFn>(b"nft_ctx_new\0").ok()?;
-            let ctx_free = *lib.get::<FreeFn>(b"nft_ctx_free\0").ok()?;
-            let set_output_flags = *lib.get::<SetFlagsFn>(b"nft_ctx_output_set_flags\0").ok()?;
-            let buffer_output = *lib.get::<BufferFn>(b"nft_ctx_buffer_output\0").ok()?;
-            let buffer_error = *lib.get::<BufferFn>(b"nft_ctx_buffer_error\0").ok()?;
+            let lib = libloading::Library::new(path).map_err(fail)?;
+            let ctx_new = *lib.get::<NewFn>(b"nft_ctx_new\0").map_err(fail)?;
+            let ctx_free = *lib.get::<FreeFn>(b"nft_ctx_free\0").map_err(fail)?;
+            let set_output_flags = *lib
+                .get::<SetFlagsFn>(b"nft_ctx_output_set_flags\0")
+                .map_err(fail)?;
+            let buffer_output = *lib
+                .get::<BufferFn>(b"nft_ctx_buffer_output\0")
+                .map_err(fail)?;
+            let buffer_error = *lib
+                .get::<BufferFn>(b"nft_ctx_buffer_error\0")
+                .map_err(fail)?;
             let get_output = *lib
                 .get::<GetBufferFn>(b"nft_ctx_get_output_buffer\0")
-                .ok()?;
-            let get_error = *lib.get::<GetBufferFn>(b"nft_ctx_get_error_buffer\0").ok()?;
-            let run_cmd = *lib.get::<RunFn>(b"nft_run_cmd_from_buffer\0").ok()?;
-            Some(Library {
-                _lib: lib,
-                ctx_new,
+                .map_err(fail)?;
+            let get_error = *lib
+                .get::<GetBufferFn>(b"nft_ctx_get_error_buffer\0")
+                .map_err(fail)?;
+            let run_cmd = *lib
+                .get::<RunFn>(b"nft_run_cmd_from_buffer\0")
+                .map_err(fail)?;
+            // NFT_CTX_DEFAULT (0); a null return means out of memory.
+            let ctx = ctx_new(0);
+            if ctx.is_null() {
+                return Err(format!("{path}: nft_ctx_new failed"));
+            }
+            // Buffering makes output land in memory, not on stdout/stderr.
+            if buffer_output(ctx) != 0 || buffer_error(ctx) != 0 {
+                ctx_free(ctx);
+                return Err(format!("{path}: cannot buffer output"));
+            }
+            Ok(LibContext {
+                ctx,
                 ctx_free,
                 set_output_flags,
-                buffer_output,
-                buffer_error,
                 get_output,
                 get_error,
                 run_cmd,
+                _lib: lib,
             })
         }
     }
 
-    fn context(&self) -> Result<Context<'_>, NftError> {
-        // SAFETY: NFT_CTX_DEFAULT (0); a null return means out of memory.
-        let ptr = unsafe { (self.ctx_new)(0) };
-        if ptr.is_null() {
-            return Err(NftError::Command {
-                command: "nft_ctx_new".into(),
-                message: "libnftables could not create a context".into(),
-            });
-        }
-        // SAFETY: ptr is a live context; buffering makes output land in memory, not stdout.
+    fn run(&self, cmd: &str, flags: c_uint) -> Result<String, String> {
+        let c = CString::new(cmd).map_err(|_| "command contains a NUL byte".to_string())?;
+        // SAFETY: ctx is live until Drop; the output/error buffers are owned by the context
+        // and valid until the next command, and are copied out before returning.
         unsafe {
-            (self.buffer_output)(ptr);
-            (self.buffer_error)(ptr);
-        }
-        Ok(Context { lib: self, ptr })
-    }
-}
-
-struct Context<'a> {
-    lib: &'a Library,
-    ptr: *mut c_void,
-}
-
-impl Context<'_> {
-    fn run(&self, command: &str, flags: c_uint) -> Result<String, NftError> {
-        let c = CString::new(command).map_err(|_| NftError::Command {
-            command: command.into(),
-            message: "command contains a NUL byte".into(),
-        })?;
-        // SAFETY: self.ptr is live until Drop; the output/error buffers are owned by the
-        // context and valid until the next command, and are copied out before returning.
-        unsafe {
-            (self.lib.set_output_flags)(self.ptr, flags);
-            let rc = (self.lib.run_cmd)(self.ptr, c.as_ptr());
-            let out = cstr_to_string((self.lib.get_output)(self.ptr));
-            let err = cstr_to_string((self.lib.get_error)(self.ptr));
-            if rc != 0 {
-                return Err(NftError::Command {
-                    command: format!("nft {command}"),
-                    message: err.trim().to_string(),
-                });
+            (self.set_output_flags)(self.ctx, flags);
+            let rc = (self.run_cmd)(self.ctx, c.as_ptr());
+            let out = cstr_to_string((self.get_output)(self.ctx));
+            let err = cstr_to_string((self.get_error)(self.ctx));
+            if rc == 0 {
+                Ok(out)
+            } else {
+                Err(err.trim().to_string())
             }
-            Ok(out)
         }
     }
 }
 
-impl Drop for Context<'_> {
+impl Drop for LibContext {
     fn drop(&mut self) {
         // SAFETY: created by nft_ctx_new and freed exactly once.
-        unsafe { (self.lib.ctx_free)(self.ptr) }
+        unsafe { (self.ctx_free)(self.ctx) }
     }
 }
 

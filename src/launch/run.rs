@@ -542,6 +542,7 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             job.hand_over();
             let mut text = String::new();
             let _ = fs::File::from(r).read_to_string(&mut text);
+            tt("parent: report read");
             let report = serde_json::from_str::<Report>(text.trim()).unwrap_or(Report {
                 ok: false,
                 code: code::SETUP_FAILED,
@@ -555,6 +556,7 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             Ok((ForkSide::Parent(report), None))
         }
         Ok(nix::unistd::ForkResult::Child) => {
+            tt("child: forked");
             drop(r);
             let _ = nix::unistd::setsid();
             if let Ok(null) = fs::File::open("/dev/null") {
@@ -745,6 +747,7 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
 
 /// `chvkit launch`.
 pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
+    tt("launch() entered");
     let job_id = a.job_id.clone().unwrap_or_else(identity::generate_job_id);
     if let Err(e) = identity::validate_job_id(&job_id) {
         return usage(e);
@@ -843,8 +846,18 @@ enum Done {
     DetachedChildEnded(i32),
 }
 
+pub fn tt(what: &str) {
+    if std::env::var_os("CHVKIT_TRACE_TIMING").is_some() {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        eprintln!("TT {} {} {} {}", now.as_micros(), std::process::id(), ru.ru_minflt, what);
+    }
+}
+
 /// Debug-level timing of the launch path (`-vv` shows where the milliseconds go).
 fn stage(t0: Instant, what: &str) {
+    tt(what);
     tracing::debug!(
         ms = format!("{:.2}", t0.elapsed().as_secs_f64() * 1000.0),
         "{what}"

@@ -204,37 +204,47 @@ enum Op {
 }
 
 pub fn run_setup(ctx: &Context, a: SetupArgs) -> anyhow::Result<i32> {
-    let json = a.json;
-    match setup(ctx, &a) {
-        Ok(report) => {
-            report.print(json).context("writing the report")?;
-            Ok(if report.ok { exit::OK } else { exit::FAILURE })
-        }
-        Err(e) if json => {
-            let mut r = Report::new(
-                "setup",
-                a.dry_run,
-                SetupState::path(&ctx.profile, &ctx.root)
-                    .display()
-                    .to_string(),
-                String::new(),
-            );
-            r.fail(format!("{e:#}"));
-            r.print(true).context("writing the report")?;
-            Ok(exit::FAILURE)
-        }
-        Err(e) => Err(e),
-    }
+    finish(ctx, "setup", a.dry_run, a.json, setup(ctx, &a))
 }
 
-fn header(ctx: &Context, command: &str) -> String {
+/// Print the report of `command` and turn it into the exit code. With `--json` an error that
+/// stopped the command before its items also comes out as a report.
+fn finish(
+    ctx: &Context,
+    command: &'static str,
+    dry_run: bool,
+    json: bool,
+    result: anyhow::Result<Report>,
+) -> anyhow::Result<i32> {
+    let report = match result {
+        Ok(report) => report,
+        Err(e) if json => {
+            let mut r = new_report(ctx, command, dry_run);
+            r.fail(format!("{e:#}"));
+            r
+        }
+        Err(e) => return Err(e),
+    };
+    report.print(json).context("writing the report")?;
+    Ok(if report.ok { exit::OK } else { exit::FAILURE })
+}
+
+fn new_report(ctx: &Context, command: &'static str, dry_run: bool) -> Report {
     let root = match ctx.root.prefix() {
         Some(r) => r.display().to_string(),
         None => "/".into(),
     };
-    format!(
-        "chvkit {command}: profile {}, root {root}",
-        ctx.profile_source
+    let dry = if dry_run { " --dry-run" } else { "" };
+    Report::new(
+        command,
+        dry_run,
+        SetupState::path(&ctx.profile, &ctx.root)
+            .display()
+            .to_string(),
+        format!(
+            "chvkit {command}{dry}: profile {}, root {root}",
+            ctx.profile_source
+        ),
     )
 }
 
@@ -269,57 +279,26 @@ fn setup(ctx: &Context, a: &SetupArgs) -> anyhow::Result<Report> {
         })?;
     }
     let steps = plan(&o, &st, lock.as_ref(), fw.as_mut())?;
-    let mut report = Report::new(
-        "setup",
-        a.dry_run,
-        o.state_path.display().to_string(),
-        header(
-            ctx,
-            if a.dry_run {
-                "setup --dry-run"
-            } else {
-                "setup"
-            },
-        ),
-    );
+    let mut report = new_report(ctx, "setup", a.dry_run);
     if a.dry_run {
         for s in steps {
-            report.push(ItemReport {
-                id: s.id.to_string(),
-                found: s.found,
-                result: if s.action.is_some() {
-                    Outcome::Planned
-                } else {
-                    Outcome::Unchanged
-                },
-                action: s.action,
-                detail: None,
-            });
+            report.push_skipped(ItemReport::new(s.id, s.found, s.action), Outcome::Planned);
         }
         return Ok(report);
     }
     let mut ap = Applier {
         o: &o,
         rt: &rt,
-        nl: None,
+        nl: netlink::Netlink::new(&rt),
         lock: lock.unwrap_or_default(),
         fetcher: Fetcher::new(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         fw,
     };
     let mut failed = false;
     for s in steps {
-        let mut item = ItemReport {
-            id: s.id.to_string(),
-            found: s.found.clone(),
-            action: s.action.clone(),
-            result: Outcome::Unchanged,
-            detail: None,
-        };
+        let mut item = ItemReport::new(s.id, s.found.clone(), s.action.clone());
         if failed {
-            if s.action.is_some() {
-                item.result = Outcome::NotRun;
-            }
-            report.push(item);
+            report.push_skipped(item, Outcome::NotRun);
             continue;
         }
         if s.action.is_some() {
@@ -987,22 +966,13 @@ fn opt(v: Option<i64>) -> String {
 struct Applier<'a> {
     o: &'a Opts<'a>,
     rt: &'a tokio::runtime::Runtime,
-    nl: Option<netlink::Netlink>,
+    nl: netlink::Netlink<'a>,
     lock: ArtifactLock,
     fetcher: Fetcher,
     fw: Box<dyn Firewall>,
 }
 
 impl Applier<'_> {
-    fn netlink(&mut self) -> anyhow::Result<&netlink::Netlink> {
-        if self.nl.is_none() {
-            self.nl = Some(netlink::Netlink::connect(self.rt)?);
-        }
-        self.nl
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("netlink connection missing"))
-    }
-
     fn bridge_index(&self) -> anyhow::Result<u32> {
         let br = &self.o.rules.bridge;
         match hostnet::link_by_name(br).context("cannot read the network links")? {
@@ -1060,20 +1030,12 @@ impl Applier<'_> {
             }
             Op::RemoveFile { host_path } => {
                 let path = self.o.host_path(host_path);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("cannot remove {}", path.display()))
-                    }
-                }
+                remove_if_exists(&path)?;
                 st.files.retain(|f| f != host_path);
                 Ok(format!("removed {}", path.display()))
             }
             Op::CreateBridge => {
-                let rt = self.rt;
-                let nl = self.netlink()?;
-                rt.block_on(nl.create_bridge(&br))?;
+                self.nl.create_bridge(&br)?;
                 st.bridge = Some(BridgeRecord {
                     name: br.clone(),
                     created: true,
@@ -1099,12 +1061,10 @@ impl Applier<'_> {
                 let idx = self.bridge_index()?;
                 let gw = self.o.profile.network.gateway;
                 let len = self.o.profile.network.prefix.len;
-                let rt = self.rt;
-                let nl = self.netlink()?;
                 for (a, l) in stale {
-                    rt.block_on(nl.del_addr(idx, &br, *a, *l))?;
+                    self.nl.del_addr(idx, &br, *a, *l)?;
                 }
-                rt.block_on(nl.add_addr_nodad(idx, &br, gw, len))?;
+                self.nl.add_addr_nodad(idx, &br, gw, len)?;
                 if !st.bridge.as_ref().is_some_and(|b| b.created) {
                     st.bridge = Some(BridgeRecord {
                         name: br.clone(),
@@ -1116,9 +1076,7 @@ impl Applier<'_> {
             }
             Op::BridgeUp => {
                 let idx = self.bridge_index()?;
-                let rt = self.rt;
-                let nl = self.netlink()?;
-                rt.block_on(nl.set_up(idx, &br))?;
+                self.nl.set_up(idx, &br)?;
                 Ok(format!("{br} is up"))
             }
             Op::Firewall { switch_from } => {
@@ -1199,6 +1157,15 @@ impl Applier<'_> {
 
 /// Host-path ancestors of `host_path`'s directory that do not exist under the root yet:
 /// the directories a write is about to create, recorded so teardown can remove them.
+/// `Ok(false)` when there was nothing to remove.
+fn remove_if_exists(p: &Path) -> anyhow::Result<bool> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
+    }
+}
+
 pub(crate) fn missing_dirs(root: &crate::paths::Root, host_path: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = host_path
         .ancestors()

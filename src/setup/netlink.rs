@@ -20,14 +20,6 @@ pub enum NetlinkError {
     Request { what: String, message: String },
 }
 
-fn req(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
-    let what = what.into();
-    move |e| NetlinkError::Request {
-        what,
-        message: describe(&e),
-    }
-}
-
 /// rtnetlink's Display wraps the errno in its debug form; say it the way `ip` would.
 fn describe(e: &rtnetlink::Error) -> String {
     match e {
@@ -39,50 +31,70 @@ fn describe(e: &rtnetlink::Error) -> String {
     }
 }
 
-pub struct Netlink {
-    handle: Handle,
+/// A netlink socket opened on first use (a run with no network change opens none). Each call
+/// waits for its answer on the caller's current-thread runtime, which also runs the socket's
+/// connection task meanwhile.
+pub struct Netlink<'rt> {
+    rt: &'rt tokio::runtime::Runtime,
+    handle: Option<Handle>,
 }
 
-impl Netlink {
-    /// Open the socket; its connection task runs on `rt` whenever the caller blocks on it.
-    pub fn connect(rt: &tokio::runtime::Runtime) -> Result<Netlink, NetlinkError> {
-        let _guard = rt.enter();
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
-        rt.spawn(conn);
-        Ok(Netlink { handle })
+impl<'rt> Netlink<'rt> {
+    pub fn new(rt: &'rt tokio::runtime::Runtime) -> Netlink<'rt> {
+        Netlink { rt, handle: None }
+    }
+
+    fn handle(&mut self) -> Result<Handle, NetlinkError> {
+        if let Some(h) = &self.handle {
+            return Ok(h.clone());
+        }
+        let (conn, handle, _) = {
+            let _guard = self.rt.enter();
+            rtnetlink::new_connection().map_err(NetlinkError::Socket)?
+        };
+        self.rt.spawn(conn);
+        self.handle = Some(handle.clone());
+        Ok(handle)
+    }
+
+    fn wait(
+        &self,
+        what: String,
+        request: impl std::future::Future<Output = Result<(), rtnetlink::Error>>,
+    ) -> Result<(), NetlinkError> {
+        self.rt
+            .block_on(request)
+            .map_err(|e| NetlinkError::Request {
+                what,
+                message: describe(&e),
+            })
     }
 
     /// Create a bridge, administratively down (it is brought up once its address is in place).
-    pub async fn create_bridge(&self, name: &str) -> Result<(), NetlinkError> {
+    pub fn create_bridge(&mut self, name: &str) -> Result<(), NetlinkError> {
         let msg = LinkMessageBuilder::<LinkBridge>::new(name).build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(req(format!("create bridge {name}")))
+        let request = self.handle()?.link().add(msg).execute();
+        self.wait(format!("create bridge {name}"), request)
     }
 
     /// Add `addr/len` with IFA_F_NODAD so it is usable at once, even on a bridge with no carrier.
-    pub async fn add_addr_nodad(
-        &self,
+    pub fn add_addr_nodad(
+        &mut self,
         index: u32,
         link_name: &str,
         addr: Ipv6Addr,
         len: u8,
     ) -> Result<(), NetlinkError> {
-        let mut r = self.handle.address().add(index, IpAddr::V6(addr), len);
+        let mut r = self.handle()?.address().add(index, IpAddr::V6(addr), len);
         let m = r.message_mut();
         m.header.flags |= AddressHeaderFlags::Nodad;
         m.attributes
             .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        r.execute()
-            .await
-            .map_err(req(format!("add {addr}/{len} to {link_name}")))
+        self.wait(format!("add {addr}/{len} to {link_name}"), r.execute())
     }
 
-    pub async fn del_addr(
-        &self,
+    pub fn del_addr(
+        &mut self,
         index: u32,
         link_name: &str,
         addr: Ipv6Addr,
@@ -94,30 +106,18 @@ impl Netlink {
         m.header.index = index;
         m.attributes
             .push(AddressAttribute::Address(IpAddr::V6(addr)));
-        self.handle
-            .address()
-            .del(m)
-            .execute()
-            .await
-            .map_err(req(format!("remove {addr}/{len} from {link_name}")))
+        let request = self.handle()?.address().del(m).execute();
+        self.wait(format!("remove {addr}/{len} from {link_name}"), request)
     }
 
-    pub async fn set_up(&self, index: u32, link_name: &str) -> Result<(), NetlinkError> {
+    pub fn set_up(&mut self, index: u32, link_name: &str) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(req(format!("bring {link_name} up")))
+        let request = self.handle()?.link().set(msg).execute();
+        self.wait(format!("bring {link_name} up"), request)
     }
 
-    pub async fn del_link(&self, index: u32, link_name: &str) -> Result<(), NetlinkError> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(req(format!("delete link {link_name}")))
+    pub fn del_link(&mut self, index: u32, link_name: &str) -> Result<(), NetlinkError> {
+        let request = self.handle()?.link().del(index).execute();
+        self.wait(format!("delete link {link_name}"), request)
     }
 }

@@ -41,6 +41,19 @@ pub struct ItemReport {
     pub detail: Option<String>,
 }
 
+impl ItemReport {
+    /// An item before anything is done about it.
+    pub fn new(id: impl Into<String>, found: String, action: Option<String>) -> ItemReport {
+        ItemReport {
+            id: id.into(),
+            found,
+            action,
+            result: Outcome::Unchanged,
+            detail: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub schema: u32,
@@ -96,6 +109,15 @@ impl Report {
             Outcome::NotRun => {}
         }
         self.items.push(item);
+    }
+
+    /// An item nothing is done about: `outcome` (planned in a dry run, not run after a
+    /// failure) when it has an action, unchanged when it needs none.
+    pub fn push_skipped(&mut self, mut item: ItemReport, outcome: Outcome) {
+        if item.action.is_some() {
+            item.result = outcome;
+        }
+        self.push(item);
     }
 
     pub fn fail(&mut self, error: String) {

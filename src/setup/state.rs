@@ -14,29 +14,7 @@ use crate::{fsutil, paths::Root, profile::Profile};
 pub const FILE_NAME: &str = "setup-state.json";
 pub const SCHEMA: u32 = 1;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("cannot read setup state {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("setup state {path} is not valid ({source}); move it away to start over")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("setup state {path} has schema {found}, this chvkit understands {SCHEMA}")]
-    Schema { path: PathBuf, found: u32 },
-    #[error("cannot write setup state {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub type StateError = fsutil::JsonFileError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,27 +104,7 @@ impl SetupState {
     }
 
     pub fn load(path: &Path) -> Result<Option<SetupState>, StateError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        };
-        let st: SetupState = serde_json::from_str(&text).map_err(|source| StateError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if st.schema != SCHEMA {
-            return Err(StateError::Schema {
-                path: path.to_path_buf(),
-                found: st.schema,
-            });
-        }
-        Ok(Some(st))
+        fsutil::load_json(path)
     }
 
     /// Nothing left to undo (created directories do not count: they go last, when empty).
@@ -158,24 +116,9 @@ impl SetupState {
             && self.files.is_empty()
     }
 
-    pub fn render(&self) -> String {
-        // Serialising plain data with string keys cannot fail.
-        let mut t = serde_json::to_string_pretty(self).unwrap_or_default();
-        t.push('\n');
-        t
-    }
-
     /// Write only if the content differs from what is on disk.
     pub fn save(&self, path: &Path) -> Result<bool, StateError> {
-        let text = self.render();
-        if std::fs::read(path).ok().as_deref() == Some(text.as_bytes()) {
-            return Ok(false);
-        }
-        fsutil::write_atomic(path, text.as_bytes(), 0o644).map_err(|source| StateError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(true)
+        fsutil::save_json(path, self, 0o644)
     }
 
     /// Remember the value a sysctl had before chvkit first changed it. A later run that finds
@@ -204,6 +147,14 @@ impl SetupState {
         if !self.files.iter().any(|p| p == host_path) {
             self.files.push(host_path.to_path_buf());
         }
+    }
+}
+
+impl fsutil::Versioned for SetupState {
+    const WHAT: &'static str = "setup state";
+    const SCHEMA: u32 = SCHEMA;
+    fn schema(&self) -> u32 {
+        self.schema
     }
 }
 

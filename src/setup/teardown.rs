@@ -14,10 +14,12 @@ use anyhow::{bail, Context as _};
 use super::firewall;
 use super::report::{ItemReport, Outcome, Report};
 use super::state::{FirewallRecord, SetupState, SysctlRecord};
-use super::{header, lock_state_dir, netlink, privilege, sysctl, TeardownArgs};
+use super::{
+    finish, lock_state_dir, netlink, new_report, privilege, remove_if_exists, sysctl, TeardownArgs,
+};
 use crate::host::net as hostnet;
 use crate::lockfile::ArtifactLock;
-use crate::{exit, Context};
+use crate::Context;
 
 enum TOp {
     /// Nothing to do; just forget the record.
@@ -52,45 +54,13 @@ struct TStep {
 }
 
 pub fn run_teardown(ctx: &Context, a: TeardownArgs) -> anyhow::Result<i32> {
-    let json = a.json;
-    match teardown(ctx, &a) {
-        Ok(r) => {
-            r.print(json).context("writing the report")?;
-            Ok(if r.ok { exit::OK } else { exit::FAILURE })
-        }
-        Err(e) if json => {
-            let mut r = Report::new(
-                "teardown",
-                a.dry_run,
-                SetupState::path(&ctx.profile, &ctx.root)
-                    .display()
-                    .to_string(),
-                String::new(),
-            );
-            r.fail(format!("{e:#}"));
-            r.print(true).context("writing the report")?;
-            Ok(exit::FAILURE)
-        }
-        Err(e) => Err(e),
-    }
+    finish(ctx, "teardown", a.dry_run, a.json, teardown(ctx, &a))
 }
 
 fn teardown(ctx: &Context, a: &TeardownArgs) -> anyhow::Result<Report> {
     let state_path = SetupState::path(&ctx.profile, &ctx.root);
     let lock_path = ArtifactLock::path(&ctx.profile, &ctx.root);
-    let mut report = Report::new(
-        "teardown",
-        a.dry_run,
-        state_path.display().to_string(),
-        header(
-            ctx,
-            if a.dry_run {
-                "teardown --dry-run"
-            } else {
-                "teardown"
-            },
-        ),
-    );
+    let mut report = new_report(ctx, "teardown", a.dry_run);
     let Some(mut st) = SetupState::load(&state_path)? else {
         report.notes.push(format!(
             "nothing recorded at {}: setup has not run here (or teardown already finished), \
@@ -124,17 +94,7 @@ fn teardown(ctx: &Context, a: &TeardownArgs) -> anyhow::Result<Report> {
     let steps = plan(ctx, &st, a.keep_artifacts)?;
     if a.dry_run {
         for s in steps {
-            report.push(ItemReport {
-                id: s.id,
-                found: s.found,
-                result: if s.action.is_some() {
-                    Outcome::Planned
-                } else {
-                    Outcome::Unchanged
-                },
-                action: s.action,
-                detail: None,
-            });
+            report.push_skipped(ItemReport::new(s.id, s.found, s.action), Outcome::Planned);
         }
         return Ok(report);
     }
@@ -143,25 +103,16 @@ fn teardown(ctx: &Context, a: &TeardownArgs) -> anyhow::Result<Report> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mut nl: Option<netlink::Netlink> = None;
+    let mut nl = netlink::Netlink::new(&rt);
     let mut lock = ArtifactLock::load(&lock_path)?;
     let mut failed = false;
     for s in steps {
-        let mut item = ItemReport {
-            id: s.id.clone(),
-            found: s.found.clone(),
-            action: s.action.clone(),
-            result: Outcome::Unchanged,
-            detail: None,
-        };
+        let mut item = ItemReport::new(s.id.clone(), s.found.clone(), s.action.clone());
         if failed {
-            if s.action.is_some() {
-                item.result = Outcome::NotRun;
-            }
-            report.push(item);
+            report.push_skipped(item, Outcome::NotRun);
             continue;
         }
-        match undo(&rt, &mut nl, &s.op) {
+        match undo(&mut nl, &s.op) {
             Ok(detail) => {
                 forget(&mut st, &mut lock, &s.rec);
                 // Saved as it goes, so an interrupted teardown resumes where it stopped.
@@ -205,14 +156,6 @@ fn teardown(ctx: &Context, a: &TeardownArgs) -> anyhow::Result<Report> {
         st.save(&state_path)?;
     }
     Ok(report)
-}
-
-fn remove_if_exists(p: &std::path::Path) -> anyhow::Result<bool> {
-    match std::fs::remove_file(p) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
-    }
 }
 
 fn file_id(ctx: &Context, host: &std::path::Path) -> String {
@@ -428,23 +371,7 @@ fn plan(ctx: &Context, st: &SetupState, keep_artifacts: bool) -> anyhow::Result<
     Ok(steps)
 }
 
-/// The netlink socket, opened on first use (a teardown with no network records needs none).
-fn connect<'a>(
-    rt: &tokio::runtime::Runtime,
-    nl: &'a mut Option<netlink::Netlink>,
-) -> anyhow::Result<&'a netlink::Netlink> {
-    if nl.is_none() {
-        *nl = Some(netlink::Netlink::connect(rt)?);
-    }
-    nl.as_ref()
-        .ok_or_else(|| anyhow::anyhow!("netlink connection missing"))
-}
-
-fn undo(
-    rt: &tokio::runtime::Runtime,
-    nl: &mut Option<netlink::Netlink>,
-    op: &TOp,
-) -> anyhow::Result<Option<String>> {
+fn undo(nl: &mut netlink::Netlink, op: &TOp) -> anyhow::Result<Option<String>> {
     match op {
         TOp::Forget => Ok(None),
         TOp::RemoveFile(p) => {
@@ -461,7 +388,7 @@ fn undo(
             else {
                 return Ok(Some(format!("{name} already gone")));
             };
-            rt.block_on(connect(rt, nl)?.del_link(l.index, name))?;
+            nl.del_link(l.index, name)?;
             Ok(Some(format!("deleted bridge {name}")))
         }
         TOp::RemoveAddr { bridge, addr, len } => {
@@ -469,7 +396,7 @@ fn undo(
             else {
                 return Ok(Some(format!("{bridge} already gone")));
             };
-            rt.block_on(connect(rt, nl)?.del_addr(l.index, bridge, *addr, *len))?;
+            nl.del_addr(l.index, bridge, *addr, *len)?;
             Ok(Some(format!("removed {addr}/{len} from {bridge}")))
         }
         TOp::Sysctl(r) => {

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use super::nft::find_in_path;
 use super::{Firewall, FirewallError, Inspection, Rules};
+use crate::host::tools::find_in_path;
 use crate::setup::state::FirewallRecord;
 
 pub const CHAIN_FWD: &str = "CHVKIT-FWD";
