@@ -5,28 +5,27 @@
 //! Prints both medians, their ratio, and how many child processes one doctor run starts
 //! (counted with strace when it is installed). Needs root; prints `skipped: ...` otherwise.
 
+#[path = "../tests/setup_support/seed_net.rs"]
+mod seed_net;
+
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use seed_net::SEED_SETUP;
+
 const RUNS: usize = 30;
 
-const SEED_SETUP: &str = "set -e
-ip link set lo up
-ip link add chvbr0 type bridge
-ip link set chvbr0 up
-sysctl -qw net.ipv6.conf.chvbr0.accept_dad=0
-sysctl -qw net.ipv6.conf.chvbr0.dad_transmits=0
-ip -6 addr add fdcd::1/16 dev chvbr0
-echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
-ip6tables -t nat -A POSTROUTING -s fdcd::/16 ! -o chvbr0 -j MASQUERADE
-ip6tables -A FORWARD -i chvbr0 -j ACCEPT
-ip6tables -A FORWARD -o chvbr0 -m state --state RELATED,ESTABLISHED -j ACCEPT
+/// The seed's network plus a TAP on the bridge (held open below) and `lo` up.
+fn seed_setup() -> String {
+    format!(
+        "{SEED_SETUP}ip link set lo up
 ip tuntap add chv-b0 mode tap
 ip link set chv-b0 master chvbr0
 ip link set chv-b0 up
-";
+"
+    )
+}
 
 /// The seed's Troubleshooting section, as a person would type it.
 const SEED_TROUBLESHOOTING: &str = "ls -la /dev/kvm
@@ -94,36 +93,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Hold the TAP open like a VMM does, from a thread that joins the namespace.
-fn hold_tap(ns: &str, name: &str) -> Option<OwnedFd> {
-    let path = format!("/run/netns/{ns}");
-    let name = name.to_string();
-    std::thread::spawn(move || {
-        let nsf = std::fs::File::open(path).ok()?;
-        nix::sched::setns(&nsf, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .ok()?;
-        let mut ifr = [0u8; 40];
-        ifr[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF with a 40-byte struct ifreq.
-        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x400454ca, ifr.as_mut_ptr()) };
-        if rc != 0 {
-            return None;
-        }
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(tun);
-        // SAFETY: raw was just released by `tun`.
-        Some(unsafe { OwnedFd::from_raw_fd(raw) })
-    })
-    .join()
-    .ok()
-    .flatten()
-}
-
 /// Child processes one doctor run starts, from `strace -f -e trace=execve`.
 fn children(ns: &str, chvkit: &str) -> Option<usize> {
     if !have("strace") {
@@ -187,11 +156,11 @@ fn main() {
         return;
     }
     let setup = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "sh", "-c", SEED_SETUP])
+        .args(["netns", "exec", &ns.0, "sh", "-c", &seed_setup()])
         .status()
         .expect("seed setup");
     assert!(setup.success(), "seed setup failed in {}", ns.0);
-    let _tap = hold_tap(&ns.0, "chv-b0");
+    let _tap = seed_net::hold_tap(&ns.0, "chv-b0").ok();
 
     // Warm caches (page cache for the binaries, libnftables, dpkg status) before measuring.
     for _ in 0..3 {

@@ -104,14 +104,7 @@ pub fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     f.commit()
 }
 
-/// A JSON file chvkit keeps its own records in, with a `schema` number checked on load.
-pub trait Versioned: Serialize + DeserializeOwned {
-    /// What the file is, for messages: `lock file`, `setup state`.
-    const WHAT: &'static str;
-    const SCHEMA: u32;
-    fn schema(&self) -> u32;
-}
-
+/// What can go wrong with a JSON file of chvkit's records ([`load_json`], [`save_json`]).
 #[derive(Debug, thiserror::Error)]
 pub enum JsonFileError {
     #[error("cannot read {what} {path}: {source}")]
@@ -144,34 +137,51 @@ pub enum JsonFileError {
     },
 }
 
-/// `Ok(None)` when the file does not exist yet.
-pub fn load_json<T: Versioned>(path: &Path) -> Result<Option<T>, JsonFileError> {
-    let (what, path) = (T::WHAT, path.to_path_buf());
+/// Load a JSON file chvkit keeps its records in (`what`, for messages: `lock file`). Its
+/// `schema` field must be `schema`; that is checked first, so a file from a newer chvkit is
+/// named as such rather than as invalid. `Ok(None)` when the file does not exist yet.
+pub fn load_json<T: DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+    schema: u32,
+) -> Result<Option<T>, JsonFileError> {
+    #[derive(serde::Deserialize)]
+    struct Header {
+        schema: u32,
+    }
+    let path = path.to_path_buf();
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(JsonFileError::Read { what, path, source }),
     };
-    let v: T = match serde_json::from_str(&text) {
-        Ok(v) => v,
+    let found = match serde_json::from_str::<Header>(&text) {
+        Ok(h) => h.schema,
         Err(source) => return Err(JsonFileError::Parse { what, path, source }),
     };
-    if v.schema() != T::SCHEMA {
-        let found = v.schema();
-        let expected = T::SCHEMA;
+    if found != schema {
         return Err(JsonFileError::Schema {
             what,
             path,
             found,
-            expected,
+            expected: schema,
         });
     }
-    Ok(Some(v))
+    match serde_json::from_str(&text) {
+        Ok(v) => Ok(Some(v)),
+        Err(source) => Err(JsonFileError::Parse { what, path, source }),
+    }
 }
 
-/// Write `v` atomically with `mode`, only if that changes the file's content (a run that
-/// changes nothing leaves it byte-for-byte as it was). Returns whether it wrote.
-pub fn save_json<T: Versioned>(path: &Path, v: &T, mode: u32) -> Result<bool, JsonFileError> {
+/// Write `v` as pretty JSON, atomically with `mode`, unless the file already holds exactly
+/// that (a run that changes nothing leaves it byte-for-byte as it was). Returns whether it
+/// wrote.
+pub fn save_json<T: Serialize>(
+    path: &Path,
+    what: &'static str,
+    v: &T,
+    mode: u32,
+) -> Result<bool, JsonFileError> {
     // Serialising plain data with string keys cannot fail.
     let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
     text.push('\n');
@@ -179,7 +189,7 @@ pub fn save_json<T: Versioned>(path: &Path, v: &T, mode: u32) -> Result<bool, Js
         return Ok(false);
     }
     write_atomic(path, text.as_bytes(), mode).map_err(|source| JsonFileError::Write {
-        what: T::WHAT,
+        what,
         path: path.to_path_buf(),
         source,
     })?;

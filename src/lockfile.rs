@@ -11,6 +11,8 @@ use crate::{fsutil, paths::Root, profile::Profile};
 
 pub const FILE_NAME: &str = "artifacts.lock.json";
 pub const SCHEMA: u32 = 1;
+/// What the file is called in messages.
+const WHAT: &str = "lock file";
 /// Keys of the artifacts map.
 pub const CLOUD_HYPERVISOR: &str = "cloud_hypervisor";
 pub const FIRMWARE: &str = "firmware";
@@ -52,19 +54,11 @@ impl ArtifactLock {
 
     /// `Ok(None)` when no lock file exists yet.
     pub fn load(path: &Path) -> Result<Option<ArtifactLock>, LockError> {
-        fsutil::load_json(path)
+        fsutil::load_json(path, WHAT, SCHEMA)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), LockError> {
-        fsutil::save_json(path, self, 0o644).map(|_| ())
-    }
-}
-
-impl fsutil::Versioned for ArtifactLock {
-    const WHAT: &'static str = "lock file";
-    const SCHEMA: u32 = SCHEMA;
-    fn schema(&self) -> u32 {
-        self.schema
+        fsutil::save_json(path, WHAT, self, 0o644).map(|_| ())
     }
 }
 

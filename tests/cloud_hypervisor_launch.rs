@@ -639,6 +639,39 @@ fn cloud_hypervisor_launch_boot_failures_leave_nothing() {
     );
     e.assert_clean("nobr", None);
 
+    // A VMM that dies before answering on the socket chvkit bound for it: boot failure with its
+    // exit status and log (not a reset connection, not a 10 s wait), foreground and detached.
+    let dying = e.work.path().join("dying-vmm");
+    fs::write(
+        &dying,
+        "#!/bin/sh\necho 'Error: cannot start: simulated startup failure' >&2\nexit 3\n",
+    )
+    .unwrap();
+    fs::set_permissions(&dying, fs::Permissions::from_mode(0o755)).unwrap();
+    for (job, detach) in [("dies", false), ("diesd", true)] {
+        let mut args = e.launch_args(job, &["--json"]);
+        if detach {
+            args.push("--detach".into());
+        }
+        let t0 = Instant::now();
+        let o = e
+            .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .env("CHV_BIN", &dying)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(72), "{}", common::text(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("exited (exit status 3) before answering on its API socket")
+                && err.contains("simulated startup failure"),
+            "{}",
+            common::text(&o)
+        );
+        assert_eq!(json_of(&o)["reason"], "boot_failed");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        e.assert_clean(job, None);
+    }
+
     // Bad job ids are usage errors naming the value.
     for bad in ["../x", "a b", "-x"] {
         let arg = format!("--job-id={bad}");

@@ -92,6 +92,18 @@ impl Run {
     fn text(&self, id: &str, field: &str) -> String {
         self.get(id)[field].as_str().unwrap_or("").to_string()
     }
+    fn assert_level(&self, id: &str, level: &str) {
+        assert_eq!(self.level(id), level, "{id}:\n{}", self.raw);
+    }
+    /// `id`'s `field` (summary, detail, hint) mentions `needle`.
+    fn assert_says(&self, id: &str, field: &str, needle: &str) {
+        let text = self.text(id, field);
+        assert!(
+            text.contains(needle),
+            "{id} {field} lacks `{needle}`: {text}\n{}",
+            self.raw
+        );
+    }
 }
 
 fn doctor(root: &Root, profile: Option<&Path>, envs: &[(&str, &str)], only: &[&str]) -> Run {
@@ -142,22 +154,14 @@ fn locked_artifacts_pass_and_v50_0_warns() {
     // No firmware pin: the lock file is what the hash is checked against.
     let profile = root.profile(&DEFAULT.replace(&format!("sha256: {FW_PIN}"), "sha256: null"));
     let r = doctor(&root, Some(&profile), &[], &["chv", "firmware.file"]);
-    assert_eq!(r.level("chv.binary"), "PASS", "{}", r.raw);
-    assert_eq!(r.level("chv.checksum"), "PASS", "{}", r.raw);
-    assert!(
-        r.text("chv.checksum", "summary").contains("lock"),
-        "{}",
-        r.raw
-    );
-    assert_eq!(r.level("firmware.file"), "PASS", "{}", r.raw);
+    r.assert_level("chv.binary", "PASS");
+    r.assert_level("chv.checksum", "PASS");
+    r.assert_says("chv.checksum", "summary", "lock");
+    r.assert_level("firmware.file", "PASS");
     // `v50.0.0` is accepted as v50.0, and the advisory is named with the fix.
-    assert_eq!(r.level("chv.version"), "WARN", "{}", r.raw);
-    assert!(r
-        .text("chv.version", "summary")
-        .contains("GHSA-jmr4-g2hv-mjj6"));
-    assert!(r
-        .text("chv.version", "hint")
-        .contains("profiles/v50.2.yaml"));
+    r.assert_level("chv.version", "WARN");
+    r.assert_says("chv.version", "summary", "GHSA-jmr4-g2hv-mjj6");
+    r.assert_says("chv.version", "hint", "profiles/v50.2.yaml");
     assert_eq!(r.code, Some(0), "WARN alone exits 0:\n{}", r.raw);
 }
 
@@ -166,7 +170,7 @@ fn short_version_form_is_accepted() {
     let root = Root::new();
     root.fake_chv("cloud-hypervisor v50.0");
     let r = doctor(&root, None, &[], &["chv.version"]);
-    assert_eq!(r.level("chv.version"), "WARN", "{}", r.raw);
+    r.assert_level("chv.version", "WARN");
     assert!(
         r.text("chv.version", "summary").starts_with("v50.0"),
         "{}",
@@ -192,11 +196,11 @@ fn wrong_hashes_fail_naming_expected_and_actual() {
     let r = doctor(&root, None, &[], &["chv.checksum", "firmware.file"]);
     assert_eq!(r.code, Some(1), "{}", r.raw);
     let s = r.text("chv.checksum", "summary");
-    assert_eq!(r.level("chv.checksum"), "FAIL", "{}", r.raw);
+    r.assert_level("chv.checksum", "FAIL");
     assert!(s.contains(&recorded) && s.contains(&sha(&chv)), "{s}");
     // The default profile pins the firmware: its pin is the expected value.
     let s = r.text("firmware.file", "summary");
-    assert_eq!(r.level("firmware.file"), "FAIL", "{}", r.raw);
+    r.assert_level("firmware.file", "FAIL");
     assert!(s.contains(FW_PIN) && s.contains(&sha(&fw)), "{s}");
     // The fix re-downloads from the profile's URL to the --root path.
     let hint = r.text("firmware.file", "hint");
@@ -212,18 +216,9 @@ fn no_pin_and_no_lock_warns() {
     let root = Root::new();
     root.fake_chv("cloud-hypervisor v50.0");
     let r = doctor(&root, None, &[], &["chv.checksum"]);
-    assert_eq!(r.level("chv.checksum"), "WARN", "{}", r.raw);
-    assert!(
-        r.text("chv.checksum", "summary").contains("no sha256 pin"),
-        "{}",
-        r.raw
-    );
-    assert!(
-        r.text("chv.checksum", "detail")
-            .contains("artifacts.lock.json"),
-        "{}",
-        r.raw
-    );
+    r.assert_level("chv.checksum", "WARN");
+    r.assert_says("chv.checksum", "summary", "no sha256 pin");
+    r.assert_says("chv.checksum", "detail", "artifacts.lock.json");
 }
 
 #[test]
@@ -232,12 +227,8 @@ fn corrupt_lock_file_fails() {
     root.fake_chv("cloud-hypervisor v50.0");
     root.write("/var/lib/chvkit/artifacts.lock.json", b"{", 0o644);
     let r = doctor(&root, None, &[], &["chv.checksum"]);
-    assert_eq!(r.level("chv.checksum"), "FAIL", "{}", r.raw);
-    assert!(
-        r.text("chv.checksum", "summary").contains("lock file"),
-        "{}",
-        r.raw
-    );
+    r.assert_level("chv.checksum", "FAIL");
+    r.assert_says("chv.checksum", "summary", "lock file");
 }
 
 #[test]
@@ -245,10 +236,10 @@ fn missing_artifacts_fail_and_dependents_skip() {
     let root = Root::new();
     let r = doctor(&root, None, &[], &["chv", "firmware.file"]);
     assert_eq!(r.code, Some(1), "{}", r.raw);
-    assert_eq!(r.level("chv.binary"), "FAIL", "{}", r.raw);
-    assert_eq!(r.level("firmware.file"), "FAIL", "{}", r.raw);
-    assert_eq!(r.level("chv.version"), "SKIP", "{}", r.raw);
-    assert_eq!(r.level("chv.checksum"), "SKIP", "{}", r.raw);
+    r.assert_level("chv.binary", "FAIL");
+    r.assert_level("firmware.file", "FAIL");
+    r.assert_level("chv.version", "SKIP");
+    r.assert_level("chv.checksum", "SKIP");
     let hint = r.text("chv.binary", "hint");
     assert!(
         hint.contains("cloud-hypervisor/releases/download/v50.0/cloud-hypervisor-static"),
@@ -260,12 +251,7 @@ fn missing_artifacts_fail_and_dependents_skip() {
             .display()
             .to_string()
     ));
-    assert!(
-        r.text("chv.binary", "detail")
-            .contains("GHSA-jmr4-g2hv-mjj6"),
-        "{}",
-        r.raw
-    );
+    r.assert_says("chv.binary", "detail", "GHSA-jmr4-g2hv-mjj6");
 }
 
 #[test]
@@ -277,7 +263,7 @@ fn not_executable_binary_fails_with_chmod() {
         0o644,
     );
     let r = doctor(&root, None, &[], &["chv.binary"]);
-    assert_eq!(r.level("chv.binary"), "FAIL", "{}", r.raw);
+    r.assert_level("chv.binary", "FAIL");
     assert_eq!(
         r.text("chv.binary", "hint"),
         format!("chmod 0755 {}", p.display())
@@ -289,16 +275,11 @@ fn version_mismatch_fails_and_v50_2_profile_passes() {
     let root = Root::new();
     root.fake_chv("cloud-hypervisor v50.2.0");
     let r = doctor(&root, None, &[], &["chv.version"]);
-    assert_eq!(r.level("chv.version"), "FAIL", "{}", r.raw);
-    assert!(
-        r.text("chv.version", "summary")
-            .contains("profile wants v50.0"),
-        "{}",
-        r.raw
-    );
+    r.assert_level("chv.version", "FAIL");
+    r.assert_says("chv.version", "summary", "profile wants v50.0");
     let p = root.profile(include_str!("../profiles/v50.2.yaml"));
     let r = doctor(&root, Some(&p), &[], &["chv.version"]);
-    assert_eq!(r.level("chv.version"), "PASS", "{}", r.raw);
+    r.assert_level("chv.version", "PASS");
 }
 
 #[test]
@@ -310,12 +291,8 @@ fn broken_binary_version_fails() {
         0o755,
     );
     let r = doctor(&root, None, &[], &["chv.version"]);
-    assert_eq!(r.level("chv.version"), "FAIL", "{}", r.raw);
-    assert!(
-        r.text("chv.version", "detail").contains("boom"),
-        "{}",
-        r.raw
-    );
+    r.assert_level("chv.version", "FAIL");
+    r.assert_says("chv.version", "detail", "boom");
 }
 
 fn bzimage() -> Vec<u8> {
@@ -356,11 +333,9 @@ fn kernel_images() {
     let root = Root::new();
     // Not configured: firmware boot only, which cannot boot a raw ext4 rootfs.
     let r = doctor(&root, None, &[], &["kernel.file", "firmware.boot_mode"]);
-    assert_eq!(r.level("kernel.file"), "SKIP", "{}", r.raw);
-    assert_eq!(r.level("firmware.boot_mode"), "WARN", "{}", r.raw);
-    assert!(r
-        .text("firmware.boot_mode", "detail")
-        .contains("EFI System Partition"));
+    r.assert_level("kernel.file", "SKIP");
+    r.assert_level("firmware.boot_mode", "WARN");
+    r.assert_says("firmware.boot_mode", "detail", "EFI System Partition");
 
     let cases: [(&str, Vec<u8>, &str, &str); 4] = [
         ("/k/bzImage", bzimage(), "PASS", "bzImage"),
@@ -387,7 +362,7 @@ fn kernel_images() {
             "{p}:\n{}",
             r.raw
         );
-        assert_eq!(r.level("firmware.boot_mode"), "PASS", "{}", r.raw);
+        r.assert_level("firmware.boot_mode", "PASS");
     }
     let r = doctor(
         &root,
@@ -395,7 +370,7 @@ fn kernel_images() {
         &[("CHV_KERNEL_PATH", "/k/absent")],
         &["kernel.file"],
     );
-    assert_eq!(r.level("kernel.file"), "FAIL", "{}", r.raw);
+    r.assert_level("kernel.file", "FAIL");
 }
 
 #[test]

@@ -5,67 +5,17 @@
 //! namespace, makes it pass again.
 
 mod common;
+#[path = "setup_support/seed_net.rs"]
+mod seed_net;
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use common::NetNs;
+use seed_net::SEED_SETUP;
 use serde_json::Value;
 
-/// The seed's "Network Setup (IPv6)" commands, verbatim apart from `sudo` and the
-/// /etc/sysctl.conf append (nothing may touch /etc).
-const SEED_SETUP: &str = "set -e
-ip link add chvbr0 type bridge
-ip link set chvbr0 up
-sysctl -qw net.ipv6.conf.chvbr0.accept_dad=0
-sysctl -qw net.ipv6.conf.chvbr0.dad_transmits=0
-ip -6 addr add fdcd::1/16 dev chvbr0
-echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
-ip6tables -t nat -A POSTROUTING -s fdcd::/16 ! -o chvbr0 -j MASQUERADE
-ip6tables -A FORWARD -i chvbr0 -j ACCEPT
-ip6tables -A FORWARD -o chvbr0 -m state --state RELATED,ESTABLISHED -j ACCEPT
-";
-
 const TOOLS: &[&str] = &["ip", "ip6tables", "nft", "sysctl"];
-
-/// A TAP file descriptor held open the way a running VMM holds it (carrier on, one queue).
-struct HeldTap {
-    _fd: OwnedFd,
-}
-
-/// Attach to the existing TAP `name` inside namespace `ns` from a helper thread that joins the
-/// namespace (network namespaces are per thread), and keep the fd.
-fn hold_tap(ns: &NetNs, name: &str) -> HeldTap {
-    let ns_path = format!("/run/netns/{}", ns.name);
-    let name = name.to_string();
-    let fd = std::thread::spawn(move || {
-        let nsf = std::fs::File::open(&ns_path).expect("open netns");
-        nix::sched::setns(&nsf, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .expect("open /dev/net/tun");
-        // struct ifreq: 16-byte name, then ifr_flags (short), padded to 40 bytes.
-        let mut ifr = [0u8; 40];
-        ifr[..name.len()].copy_from_slice(name.as_bytes());
-        let flags: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // TUNSETIFF = _IOW('T', 202, int)
-        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x400454ca, ifr.as_mut_ptr()) };
-        assert_eq!(
-            rc,
-            0,
-            "TUNSETIFF {name}: {}",
-            std::io::Error::last_os_error()
-        );
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(tun);
-        unsafe { OwnedFd::from_raw_fd(raw) }
-    })
-    .join()
-    .expect("tap thread");
-    HeldTap { _fd: fd }
-}
 
 struct Doctor {
     levels: BTreeMap<String, String>,
@@ -136,7 +86,7 @@ fn doctor(ns: &NetNs, extra: &[&str]) -> Doctor {
 /// The seed's network plus a held TAP `chv-t0` on the bridge. The seed's commands leave the host
 /// reachable from the bridge: that WARN is asserted here, and its hint applied, so that every
 /// other test starts from "all net.* PASS".
-fn seeded(tag: &str) -> Option<(NetNs, HeldTap)> {
+fn seeded(tag: &str) -> Option<(NetNs, OwnedFd)> {
     let test = format!("doctor_net::{tag}");
     if !common::require(&test, true, TOOLS) {
         return None;
@@ -144,7 +94,7 @@ fn seeded(tag: &str) -> Option<(NetNs, HeldTap)> {
     let ns = NetNs::new(tag);
     ns.sh_ok(SEED_SETUP);
     ns.sh_ok("ip tuntap add chv-t0 mode tap && ip link set chv-t0 master chvbr0 && ip link set chv-t0 up");
-    let tap = hold_tap(&ns, "chv-t0");
+    let tap = seed_net::hold_tap(&ns.name, "chv-t0").expect("hold TAP chv-t0");
     let d = doctor(&ns, &[]);
     assert_eq!(
         d.bad(),
@@ -231,32 +181,29 @@ fn seed_setup_passes() {
 
 #[test]
 fn dad_back_on() {
-    let Some((ns, _tap)) = seeded("ddad") else {
-        return;
-    };
-    break_and_fix(
-        &ns,
+    seeded_break(
+        "ddad",
         "sysctl -qw net.ipv6.conf.chvbr0.accept_dad=1",
         "net.dad",
         "WARN",
-        &[],
-        &[],
     );
 }
 
 #[test]
 fn address_removed() {
-    let Some((ns, _tap)) = seeded("daddr") else {
-        return;
-    };
-    break_and_fix(
-        &ns,
+    seeded_break(
+        "daddr",
         "ip -6 addr del fdcd::1/16 dev chvbr0",
         "net.bridge_addr",
         "FAIL",
-        &[],
-        &[],
     );
+}
+
+/// [`seeded`], then [`break_and_fix`] with nothing skipped and no extra arguments.
+fn seeded_break(tag: &str, breaker: &str, id: &str, level: &str) -> Option<(NetNs, OwnedFd)> {
+    let seeded = seeded(tag)?;
+    break_and_fix(&seeded.0, breaker, id, level, &[], &[]);
+    Some(seeded)
 }
 
 /// Apply the hint of every WARN/FAIL check, up to three rounds, and expect none left.
@@ -306,16 +253,11 @@ fn tentative_address() {
 
 #[test]
 fn ipv6_disabled_on_bridge() {
-    let Some((ns, _tap)) = seeded("dv6") else {
-        return;
-    };
-    break_and_fix(
-        &ns,
+    seeded_break(
+        "dv6",
         "sysctl -qw net.ipv6.conf.chvbr0.disable_ipv6=1",
         "net.bridge_addr",
         "FAIL",
-        &[],
-        &[],
     );
 }
 
@@ -337,32 +279,20 @@ fn bridge_down() {
 
 #[test]
 fn forwarding_off() {
-    let Some((ns, _tap)) = seeded("dfwd") else {
-        return;
-    };
-    break_and_fix(
-        &ns,
+    seeded_break(
+        "dfwd",
         "echo 0 > /proc/sys/net/ipv6/conf/all/forwarding",
         "net.forwarding",
         "FAIL",
-        &[],
-        &[],
     );
 }
 
 #[test]
 fn nat_rule_deleted() {
-    let Some((ns, _tap)) = seeded("dnat") else {
+    let breaker = "ip6tables -t nat -D POSTROUTING -s fdcd::/16 ! -o chvbr0 -j MASQUERADE";
+    let Some((ns, _tap)) = seeded_break("dnat", breaker, "net.nat", "FAIL") else {
         return;
     };
-    break_and_fix(
-        &ns,
-        "ip6tables -t nat -D POSTROUTING -s fdcd::/16 ! -o chvbr0 -j MASQUERADE",
-        "net.nat",
-        "FAIL",
-        &[],
-        &[],
-    );
     // The nft hint wrote chvkit's own table.
     ns.sh_ok("nft list table inet chvkit | grep -q masquerade");
 }
@@ -391,33 +321,23 @@ fn nat_rule_deleted_iptables_backend() {
 
 #[test]
 fn forward_rule_deleted() {
-    let Some((ns, _tap)) = seeded("dfr") else {
-        return;
-    };
     // FORWARD's policy is ACCEPT here, so nothing is dropped yet: a WARN, not a FAIL.
-    break_and_fix(
-        &ns,
+    seeded_break(
+        "dfr",
         "ip6tables -D FORWARD -i chvbr0 -j ACCEPT",
         "net.forward_rules",
         "WARN",
-        &[],
-        &[],
     );
 }
 
 #[test]
 fn forward_drop_policy_is_a_fail() {
-    let Some((ns, _tap)) = seeded("dfdrop") else {
-        return;
-    };
     // Docker's shape: policy DROP, our accept rules gone.
-    break_and_fix(
-        &ns,
+    seeded_break(
+        "dfdrop",
         "ip6tables -P FORWARD DROP && ip6tables -F FORWARD",
         "net.forward_rules",
         "FAIL",
-        &[],
-        &[],
     );
 }
 
@@ -454,60 +374,31 @@ fn br_netfilter_trap() {
 
 #[test]
 fn tap_detached() {
-    let Some((ns, _tap)) = seeded("dtapd") else {
-        return;
-    };
-    break_and_fix(
-        &ns,
-        "ip link set chv-t0 nomaster",
-        "net.taps",
-        "FAIL",
-        &[],
-        &[],
-    );
+    seeded_break("dtapd", "ip link set chv-t0 nomaster", "net.taps", "FAIL");
 }
 
 #[test]
 fn tap_down() {
-    let Some((ns, _tap)) = seeded("dtapu") else {
-        return;
-    };
-    break_and_fix(&ns, "ip link set chv-t0 down", "net.taps", "FAIL", &[], &[]);
+    seeded_break("dtapu", "ip link set chv-t0 down", "net.taps", "FAIL");
 }
 
 #[test]
 fn tap_without_process_is_left_behind() {
-    let Some((ns, _tap)) = seeded("dtapl") else {
+    // A persistent TAP nobody holds: what a killed VMM leaves. It has no carrier.
+    let breaker =
+        "ip tuntap add chv-t1 mode tap && ip link set chv-t1 master chvbr0 && ip link set chv-t1 up";
+    let Some((ns, _tap)) = seeded_break("dtapl", breaker, "net.taps", "WARN") else {
         return;
     };
-    // A persistent TAP nobody holds: what a killed VMM leaves. It has no carrier.
-    break_and_fix(
-        &ns,
-        "ip tuntap add chv-t1 mode tap && ip link set chv-t1 master chvbr0 && ip link set chv-t1 up",
-        "net.taps",
-        "WARN",
-        &[],
-        &[],
-    );
     let gone = ns.sh("ip link show chv-t1");
     assert!(!gone.status.success(), "the hint deletes the stale TAP");
 }
 
 #[test]
 fn slaac_uplink_accept_ra() {
-    let Some((ns, _tap)) = seeded("dra") else {
-        return;
-    };
     // An uplink whose default route came from a router advertisement (proto ra), accept_ra=1,
     // while forwarding is on: the kernel ignores its RAs from now on.
-    break_and_fix(
-        &ns,
-        "ip link add up0 type veth peer name up1 && ip link set up1 up && ip link set up0 up && sysctl -qw net.ipv6.conf.up0.accept_ra=1 && ip -6 route add default via fe80::1 dev up0 proto ra",
-        "net.accept_ra",
-        "WARN",
-        &[],
-        &[],
-    );
+    seeded_break("dra", "ip link add up0 type veth peer name up1 && ip link set up1 up && ip link set up0 up && sysctl -qw net.ipv6.conf.up0.accept_ra=1 && ip -6 route add default via fe80::1 dev up0 proto ra", "net.accept_ra", "WARN");
 }
 
 #[test]
@@ -544,23 +435,21 @@ fn nft_command_fallback_sees_the_same() {
         return;
     };
     // Without libnftables, the ruleset comes from `nft -j` (and `nft -a` for xt text).
-    let out = ns
-        .cmd(common::chvkit())
-        .args(["doctor", "--json", "--only", "net"])
-        .env("CHVKIT_LIBNFTABLES", "/nonexistent/libnftables.so.1")
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doctor_nft_cmd = |only: &str| {
+        let out = ns
+            .cmd(common::chvkit())
+            .args(["doctor", "--json", "--only", only])
+            .env("CHVKIT_LIBNFTABLES", "/nonexistent/libnftables.so.1")
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, common::text(&out))
+    };
+    let (v, text) = doctor_nft_cmd("net");
     for c in v["checks"].as_array().unwrap() {
-        assert_eq!(c["level"], "PASS", "{c}\n{}", common::text(&out));
+        assert_eq!(c["level"], "PASS", "{c}\n{text}");
     }
     ns.sh_ok("ip6tables -D FORWARD -o chvbr0 -m state --state RELATED,ESTABLISHED -j ACCEPT");
-    let out = ns
-        .cmd(common::chvkit())
-        .args(["doctor", "--json", "--only", "net.forward_rules"])
-        .env("CHVKIT_LIBNFTABLES", "/nonexistent/libnftables.so.1")
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["checks"][0]["level"], "WARN", "{}", common::text(&out));
+    let (v, text) = doctor_nft_cmd("net.forward_rules");
+    assert_eq!(v["checks"][0]["level"], "WARN", "{text}");
 }

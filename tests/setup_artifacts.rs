@@ -6,12 +6,11 @@ mod common;
 mod setup_support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::process::Output;
 
 use common::{require, text, NetNs};
 use setup_support::*;
 
-const CHV: &str = "cloud-hypervisor-static";
-const FW: &str = "hypervisor-fw";
 const FW_PATH: &str = "/opt/cloud-hypervisor/hypervisor-fw";
 const CHV_PATH: &str = "/usr/local/bin/cloud-hypervisor";
 
@@ -23,29 +22,33 @@ struct Case {
     fw1: Vec<u8>,
 }
 
-/// Install firmware v1 (pinned) and the binary (unpinned) once, successfully.
-fn installed(tag: &str) -> Case {
-    let ns = NetNs::new(tag);
-    let chv = fake_chv(tag);
-    let fw1 = random_bytes(300 * 1024);
-    let env = Env::new(&profile_yaml(&sha256_hex(&fw1), &[]));
-    let srv = HttpServer::start(Some(&ns.name));
-    srv.put(CHV, &chv);
-    srv.put(FW, &fw1);
-    let o = chvkit(
-        &ns,
-        &env,
+/// `setup --artifacts-only` from `srv`.
+fn setup_from(ns: &NetNs, env: &Env, srv: &HttpServer) -> Output {
+    chvkit(
+        ns,
+        env,
         &["setup", "--artifacts-only", "--artifacts-from", &srv.url()],
-    );
+    )
+}
+
+/// For test `test` (`None` when it cannot run here): install firmware v1 (pinned) and the
+/// binary (unpinned) once, successfully.
+fn installed(test: &str, tag: &str) -> Option<Case> {
+    if !require(test, true, &["ip"]) {
+        return None;
+    }
+    let ns = NetNs::new(tag);
+    let (env, srv, chv, fw1) = env_with_server(&ns, tag, 300 * 1024);
+    let o = setup_from(&ns, &env, &srv);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(read(&env.at(FW_PATH)), fw1);
-    Case {
+    Some(Case {
         ns,
         env,
         srv,
         chv,
         fw1,
-    }
+    })
 }
 
 /// Pin firmware v2 in the profile and serve it (possibly broken); the run must fail, name the
@@ -54,11 +57,7 @@ fn upgrade_fails(c: &Case, fw2: &[u8], mode: Mode, srv: &HttpServer) -> String {
     c.env.set_profile(&profile_yaml(&sha256_hex(fw2), &[]));
     srv.put(FW, fw2);
     srv.set_mode(FW, mode);
-    let o = chvkit(
-        &c.ns,
-        &c.env,
-        &["setup", "--artifacts-only", "--artifacts-from", &srv.url()],
-    );
+    let o = setup_from(&c.ns, &c.env, srv);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let msg = text(&o);
     assert!(
@@ -78,10 +77,9 @@ fn upgrade_fails(c: &Case, fw2: &[u8], mode: Mode, srv: &HttpServer) -> String {
 
 #[test]
 fn wrong_byte_is_rejected_naming_both_hashes() {
-    if !require("wrong_byte_is_rejected_naming_both_hashes", true, &["ip"]) {
+    let Some(c) = installed("wrong_byte_is_rejected_naming_both_hashes", "awb") else {
         return;
-    }
-    let c = installed("awb");
+    };
     let fw2 = random_bytes(300 * 1024);
     let before = c.srv.hits(FW);
     let msg = upgrade_fails(&c, &fw2, Mode::CorruptByte(1000), &c.srv);
@@ -95,26 +93,16 @@ fn wrong_byte_is_rejected_naming_both_hashes() {
     assert_eq!(c.srv.hits(FW) - before, 1, "a hash mismatch is not retried");
     // Served correctly, the same upgrade goes through.
     c.srv.set_mode(FW, Mode::Normal);
-    let o = chvkit(
-        &c.ns,
-        &c.env,
-        &[
-            "setup",
-            "--artifacts-only",
-            "--artifacts-from",
-            &c.srv.url(),
-        ],
-    );
+    let o = setup_from(&c.ns, &c.env, &c.srv);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(read(&c.env.at(FW_PATH)), fw2);
 }
 
 #[test]
 fn short_body_is_retried_then_rejected() {
-    if !require("short_body_is_retried_then_rejected", true, &["ip"]) {
+    let Some(c) = installed("short_body_is_retried_then_rejected", "ash") else {
         return;
-    }
-    let c = installed("ash");
+    };
     let fw2 = random_bytes(300 * 1024);
     let before = c.srv.hits(FW);
     let msg = upgrade_fails(&c, &fw2, Mode::CutShort(100 * 1024), &c.srv);
@@ -132,10 +120,9 @@ fn short_body_is_retried_then_rejected() {
 
 #[test]
 fn server_dying_midway_leaves_the_old_file() {
-    if !require("server_dying_midway_leaves_the_old_file", true, &["ip"]) {
+    let Some(c) = installed("server_dying_midway_leaves_the_old_file", "adie") else {
         return;
-    }
-    let c = installed("adie");
+    };
     let fw2 = random_bytes(300 * 1024);
     let msg = upgrade_fails(&c, &fw2, Mode::DieAfter(50 * 1024), &c.srv);
     assert!(c.srv.is_dead());
@@ -146,10 +133,9 @@ fn server_dying_midway_leaves_the_old_file() {
 #[test]
 fn lock_file_records_the_unpinned_binary_and_guards_reinstalls() {
     let t = "lock_file_records_the_unpinned_binary_and_guards_reinstalls";
-    if !require(t, true, &["ip"]) {
+    let Some(c) = installed(t, "alock") else {
         return;
-    }
-    let c = installed("alock");
+    };
     let lock_path = c.env.at("/var/lib/chvkit/artifacts.lock.json");
     let lock: serde_json::Value = serde_json::from_slice(&read(&lock_path)).unwrap();
     let entry = &lock["artifacts"]["cloud_hypervisor"];
@@ -215,15 +201,8 @@ fn setcap_is_applied_and_reapplied_after_reinstall() {
         return;
     }
     let ns = NetNs::new("acap");
-    let chv = fake_chv("acap");
-    let fw = random_bytes(1024);
-    let env = Env::new(&profile_yaml(
-        &sha256_hex(&fw),
-        &[("setcap_net_admin: false", "setcap_net_admin: true")],
-    ));
-    std::fs::write(env.mirror().join(CHV), &chv).unwrap();
-    std::fs::write(env.mirror().join(FW), &fw).unwrap();
-    let mirror = env.mirror().display().to_string();
+    let setcap = [("setcap_net_admin: false", "setcap_net_admin: true")];
+    let (env, _, mirror) = env_with_mirror("acap", 1024, &setcap);
     let args = [
         "setup",
         "--artifacts-only",
@@ -253,10 +232,6 @@ fn setcap_is_applied_and_reapplied_after_reinstall() {
     // Removed by hand: only the capability is restored, nothing is fetched.
     ns.sh_ok(&format!("setcap -r {bin}"));
     let o = chvkit(&ns, &env, &args);
-    let changed: Vec<_> = results(&json(&o))
-        .into_iter()
-        .filter(|(_, r)| r == "changed")
-        .collect();
-    assert_eq!(changed, [("chv.setcap".to_string(), "changed".to_string())]);
+    assert_eq!(changed(&json(&o)), ["chv.setcap"], "{}", text(&o));
     assert!(caps().contains("cap_net_admin=ep"));
 }

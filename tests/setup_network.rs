@@ -14,8 +14,6 @@ use std::time::Duration;
 use common::{require, text, NetNs};
 use setup_support::*;
 
-const CHV: &str = "cloud-hypervisor-static";
-const FW: &str = "hypervisor-fw";
 /// The foreign bridge's global addresses and flags (not its link-local, whose DAD finishes
 /// on its own while the test runs).
 const FOREIGN_BRIDGE: &str =
@@ -72,22 +70,18 @@ fn assert_no_fail(levels: &BTreeMap<String, String>, prefixes: &[&str]) {
     }
 }
 
+/// Run `cmd` in `ns` and assert that its output contains each of `needles`.
+fn sh_shows(ns: &NetNs, cmd: &str, needles: &[&str]) {
+    let out = ns.sh_ok(cmd);
+    for n in needles {
+        assert!(out.contains(n), "`{cmd}` does not show `{n}`:\n{out}");
+    }
+}
+
 fn sysctl(ns: &NetNs, key: &str) -> String {
     ns.sh_ok(&format!("cat /proc/sys/{}", key.replace('.', "/")))
         .trim()
         .to_string()
-}
-
-/// A fresh test environment: fake artifacts (firmware pinned, binary not), served over HTTP
-/// from inside `ns`.
-fn env_with_server(ns: &NetNs, tag: &str) -> (Env, HttpServer, Vec<u8>, Vec<u8>) {
-    let chv = fake_chv(tag);
-    let fw = random_bytes(256 * 1024);
-    let env = Env::new(&profile_yaml(&sha256_hex(&fw), &[]));
-    let srv = HttpServer::start(Some(&ns.name));
-    srv.put(CHV, &chv);
-    srv.put(FW, &fw);
-    (env, srv, chv, fw)
 }
 
 #[test]
@@ -111,7 +105,7 @@ fn setup_converges_is_idempotent_and_teardown_removes_only_its_own() {
     let foreign_table = ns.sh_ok("nft list table ip6 foreign");
     let all_dad = sysctl(&ns, "net.ipv6.conf.all.accept_dad");
     let foreign_bridge = ns.sh_ok(FOREIGN_BRIDGE);
-    let (env, srv, chv, fw) = env_with_server(&ns, "conv");
+    let (env, srv, chv, fw) = env_with_server(&ns, "conv", 256 * 1024);
 
     let plan = chvkit(
         &ns,
@@ -187,16 +181,18 @@ fn setup_converges_is_idempotent_and_teardown_removes_only_its_own() {
     assert_eq!(sysctl(&ns, "net.ipv6.conf.all.forwarding"), "1");
     assert_eq!(sysctl(&ns, "net.ipv6.conf.chvbr0.accept_dad"), "0");
     assert_eq!(sysctl(&ns, "net.ipv6.conf.up0.accept_ra"), "2");
-    let nat = ns.sh_ok("nft list chain inet chvkit postrouting");
-    assert!(
-        nat.contains("ip6 saddr fdcd::/16 oifname != \"chvbr0\" masquerade"),
-        "{nat}"
+    sh_shows(
+        &ns,
+        "nft list chain inet chvkit postrouting",
+        &["ip6 saddr fdcd::/16 oifname != \"chvbr0\" masquerade"],
     );
-    let fwd = ns.sh_ok("nft list chain inet chvkit forward");
-    assert!(fwd.contains("iifname \"chvbr0\" accept"), "{fwd}");
-    assert!(
-        fwd.contains("oifname \"chvbr0\" ct state established,related accept"),
-        "{fwd}"
+    sh_shows(
+        &ns,
+        "nft list chain inet chvkit forward",
+        &[
+            "iifname \"chvbr0\" accept",
+            "oifname \"chvbr0\" ct state established,related accept",
+        ],
     );
 
     // Persistence files, as written.
@@ -396,32 +392,19 @@ fn iptables_backend_checks_before_adding_and_leaves_foreign_rules() {
     let o = chvkit(&ns, &env, &args);
     assert!(o.status.success(), "{}", text(&o));
     // The seed's NAT and FORWARD listings.
-    let nat = ns.sh_ok("ip6tables -t nat -L POSTROUTING -n");
-    assert!(
-        nat.contains("CHVKIT-NAT") && nat.contains("2001:db8:5::/48"),
-        "{nat}"
+    let nat = "ip6tables -t nat -L POSTROUTING -n";
+    sh_shows(&ns, nat, &["CHVKIT-NAT", "2001:db8:5::/48"]);
+    let masq = "-A CHVKIT-NAT -s fdcd::/16 ! -o chvbr0 -j MASQUERADE";
+    sh_shows(&ns, "ip6tables -t nat -S CHVKIT-NAT", &[masq]);
+    sh_shows(
+        &ns,
+        "ip6tables -L FORWARD -n",
+        &["CHVKIT-FWD", "2001:db8::/32"],
     );
-    let masq = ns.sh_ok("ip6tables -t nat -S CHVKIT-NAT");
-    assert!(
-        masq.contains("-A CHVKIT-NAT -s fdcd::/16 ! -o chvbr0 -j MASQUERADE"),
-        "{masq}"
-    );
-    let fwd = ns.sh_ok("ip6tables -L FORWARD -n");
-    assert!(
-        fwd.contains("CHVKIT-FWD") && fwd.contains("2001:db8::/32"),
-        "{fwd}"
-    );
-    let fwd_rules = ns.sh_ok("ip6tables -S CHVKIT-FWD");
-    assert!(
-        fwd_rules.contains("-A CHVKIT-FWD -i chvbr0 -j ACCEPT"),
-        "{fwd_rules}"
-    );
-    assert!(fwd_rules.contains("RELATED,ESTABLISHED"), "{fwd_rules}");
-    let input = ns.sh_ok("ip6tables -S CHVKIT-IN");
-    assert!(
-        input.contains("--dport 8080 -j ACCEPT") && input.contains("-A CHVKIT-IN -j DROP"),
-        "{input}"
-    );
+    let fwd = ["-A CHVKIT-FWD -i chvbr0 -j ACCEPT", "RELATED,ESTABLISHED"];
+    sh_shows(&ns, "ip6tables -S CHVKIT-FWD", &fwd);
+    let input = ["--dport 8080 -j ACCEPT", "-A CHVKIT-IN -j DROP"];
+    sh_shows(&ns, "ip6tables -S CHVKIT-IN", &input);
     let unit =
         String::from_utf8(read(&env.at("/etc/systemd/system/chvkit-network.service"))).unwrap();
     assert!(unit.contains("--firewall iptables"), "{unit}");
@@ -466,11 +449,7 @@ fn failure_midway_is_recorded_and_a_rerun_converges() {
         return;
     }
     let ns = NetNs::new("part");
-    let fw = random_bytes(4096);
-    let env = Env::new(&profile_yaml(&sha256_hex(&fw), &[]));
-    std::fs::write(env.mirror().join(FW), &fw).unwrap();
-    std::fs::write(env.mirror().join(CHV), fake_chv("part")).unwrap();
-    let mirror = env.mirror().display().to_string();
+    let (env, _, mirror) = env_with_mirror("part", 4096, &[]);
     let setup = ["setup", "--json", "--artifacts-from", mirror.as_str()];
 
     // nftables unusable: refused before anything changes.
@@ -539,13 +518,8 @@ fn failure_midway_is_recorded_and_a_rerun_converges() {
     // With nftables working again the rerun finishes the job and redoes nothing else.
     let o = chvkit(&ns, &env, &setup);
     assert!(o.status.success(), "{}", text(&o));
-    let changed: Vec<String> = results(&json(&o))
-        .into_iter()
-        .filter(|(_, r)| r == "changed")
-        .map(|(id, _)| id)
-        .collect();
     assert_eq!(
-        changed,
+        changed(&json(&o)),
         ["net.firewall", "persist.unit", "persist.unit_enabled"],
         "{}",
         text(&o)
@@ -560,13 +534,8 @@ fn failure_midway_is_recorded_and_a_rerun_converges() {
     // The bridge went down behind setup's back (and so lost its address): setup puts it back.
     ns.sh_ok("ip link set chvbr0 down");
     let o = chvkit(&ns, &env, &["setup", "--json", "--network-only"]);
-    let changed: Vec<String> = results(&json(&o))
-        .into_iter()
-        .filter(|(_, r)| r == "changed")
-        .map(|(id, _)| id)
-        .collect();
     assert_eq!(
-        changed,
+        changed(&json(&o)),
         ["net.bridge_addr", "net.bridge_up"],
         "{}",
         text(&o)
@@ -587,11 +556,7 @@ fn refuses_without_privilege_or_with_a_foreign_link_before_changing_anything() {
         return;
     }
     let ns = NetNs::new("priv");
-    let fw = random_bytes(1024);
-    let env = Env::new(&profile_yaml(&sha256_hex(&fw), &[]));
-    std::fs::write(env.mirror().join(FW), &fw).unwrap();
-    std::fs::write(env.mirror().join(CHV), fake_chv("priv")).unwrap();
-    let mirror = env.mirror().display().to_string();
+    let (env, fw, mirror) = env_with_mirror("priv", 1024, &[]);
     let as_nobody = |extra: &[&str]| {
         let mut c = ns.cmd("setpriv");
         c.args([

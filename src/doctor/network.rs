@@ -32,6 +32,22 @@ pub struct Net<'a> {
     prefix: Ipv6Net,
 }
 
+/// What a check needs from the facts (`Ok`), or else return the finding that says why it cannot
+/// be judged (`Err`).
+macro_rules! or_finding {
+    ($needed:expr) => {
+        match $needed {
+            Ok(v) => v,
+            Err(finding) => return finding,
+        }
+    };
+}
+
+/// For a check whose facts were not gathered.
+fn not_checked(id: &'static str) -> Finding {
+    Finding::skip(id, "not checked", "", "chvkit doctor --only net")
+}
+
 fn sysctl_w(pairs: &[(String, i64)]) -> String {
     let args: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("sysctl -w {}", args.join(" "))
@@ -79,12 +95,7 @@ impl<'a> Net<'a> {
                 e.clone(),
                 "chvkit -vv doctor --only net",
             )),
-            None => Err(Finding::skip(
-                id,
-                "not checked",
-                "",
-                "chvkit doctor --only net",
-            )),
+            None => Err(not_checked(id)),
         }
     }
 
@@ -138,12 +149,7 @@ impl<'a> Net<'a> {
                 e.to_string(),
                 "nft list ruleset",
             )),
-            None => Err(Finding::skip(
-                id,
-                "not checked",
-                "",
-                "chvkit doctor --only net",
-            )),
+            None => Err(not_checked(id)),
         }
     }
 
@@ -162,10 +168,7 @@ impl<'a> Net<'a> {
 
     pub fn bridge(&self) -> Finding {
         const ID: &str = "net.bridge";
-        let s = match self.snapshot(ID) {
-            Ok(s) => s,
-            Err(f) => return f,
-        };
+        let s = or_finding!(self.snapshot(ID));
         match s.link(self.br) {
             None => Finding::fail(
                 ID,
@@ -203,10 +206,7 @@ impl<'a> Net<'a> {
 
     pub fn bridge_up(&self) -> Finding {
         const ID: &str = "net.bridge_up";
-        let (_, b) = match self.bridge_found(ID) {
-            Ok(found) => found,
-            Err(f) => return f,
-        };
+        let (_, b) = or_finding!(self.bridge_found(ID));
         if !b.admin_up {
             return Finding::fail(
                 ID,
@@ -233,10 +233,7 @@ impl<'a> Net<'a> {
 
     pub fn bridge_addr(&self) -> Finding {
         const ID: &str = "net.bridge_addr";
-        let (s, b) = match self.bridge_found(ID) {
-            Ok(found) => found,
-            Err(f) => return f,
-        };
+        let (s, b) = or_finding!(self.bridge_found(ID));
         if !b.admin_up {
             return Finding::skip(
                 ID,
@@ -326,10 +323,7 @@ impl<'a> Net<'a> {
 
     pub fn dad(&self) -> Finding {
         const ID: &str = "net.dad";
-        let (_, b) = match self.bridge_found(ID) {
-            Ok(found) => found,
-            Err(f) => return f,
-        };
+        let (_, b) = or_finding!(self.bridge_found(ID));
         let br = self.br;
         let bc = self.f.sysctl.ipv6_conf(br);
         let all = self.f.sysctl.ipv6_conf("all");
@@ -449,10 +443,7 @@ impl<'a> Net<'a> {
 
     pub fn accept_ra(&self) -> Finding {
         const ID: &str = "net.accept_ra";
-        let s = match self.snapshot(ID) {
-            Ok(s) => s,
-            Err(f) => return f,
-        };
+        let s = or_finding!(self.snapshot(ID));
         let deps = self.ra_dependent(s);
         let fwd_on = self.f.sysctl.ipv6_conf("all").forwarding == Some(1);
         if deps.is_empty() {
@@ -533,10 +524,7 @@ impl<'a> Net<'a> {
                 ),
             );
         }
-        let rs = match self.ruleset(ID) {
-            Ok(r) => r,
-            Err(f) => return f,
-        };
+        let rs = or_finding!(self.ruleset(ID));
         let internet: Ipv6Addr = INTERNET.parse().unwrap_or(Ipv6Addr::UNSPECIFIED);
         let uplink = self.uplink_name();
         let pkt = Packet {
@@ -643,10 +631,7 @@ impl<'a> Net<'a> {
 
     pub fn forward_rules(&self) -> Finding {
         const ID: &str = "net.forward_rules";
-        let rs = match self.ruleset(ID) {
-            Ok(r) => r,
-            Err(f) => return f,
-        };
+        let rs = or_finding!(self.ruleset(ID));
         let br = self.br;
         let internet: Ipv6Addr = INTERNET.parse().unwrap_or(Ipv6Addr::UNSPECIFIED);
         let uplink = self.uplink_name();
@@ -806,10 +791,7 @@ impl<'a> Net<'a> {
 
     pub fn host_exposure(&self) -> Finding {
         const ID: &str = "net.host_exposure";
-        let rs = match self.ruleset(ID) {
-            Ok(r) => r,
-            Err(f) => return f,
-        };
+        let rs = or_finding!(self.ruleset(ID));
         let br = self.br;
         let allowed_ports = &self.ctx.profile.network.host_ports;
         let gw = (self.gw, 128);
@@ -1023,10 +1005,7 @@ impl<'a> Net<'a> {
 
     pub fn taps(&self) -> Finding {
         const ID: &str = "net.taps";
-        let (s, b) = match self.bridge_found(ID) {
-            Ok(found) => found,
-            Err(f) => return f,
-        };
+        let (s, b) = or_finding!(self.bridge_found(ID));
         let br = self.br;
         let taps: Vec<&Link> = s
             .links

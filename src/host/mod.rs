@@ -5,6 +5,7 @@
 //!   their DAD flags, and IPv6 routes, from rtnetlink dumps (no privilege needed).
 //! - [`sysctl`]: `net.ipv6.conf.*` and `bridge-nf-call-ip6tables` from `/proc/sys`.
 //! - [`nft`]: the nftables ruleset (iptables-nft rules included) via libnftables, as typed JSON.
+//!   Its command runner, [`nft::Nft`], is shared with `setup`, which loads its table through it.
 //! - [`kvm`]: `/dev/kvm` mode, access and a real `KVM_CREATE_VM`.
 //! - [`cpu`]: vmx/svm, hypervisor, nested and PVM.
 //! - [`files`]: file facts, streaming sha256, `--version`, kernel image sniffing.

@@ -969,26 +969,14 @@ impl LibContext {
         // signatures match nftables/libnftables.h (stable since nftables 0.9).
         unsafe {
             let lib = libloading::Library::new(path).map_err(fail)?;
-            let ctx_new = *lib.get::<NewFn>(b"nft_ctx_new\0").map_err(fail)?;
-            let ctx_free = *lib.get::<FreeFn>(b"nft_ctx_free\0").map_err(fail)?;
-            let set_output_flags = *lib
-                .get::<SetFlagsFn>(b"nft_ctx_output_set_flags\0")
-                .map_err(fail)?;
-            let buffer_output = *lib
-                .get::<BufferFn>(b"nft_ctx_buffer_output\0")
-                .map_err(fail)?;
-            let buffer_error = *lib
-                .get::<BufferFn>(b"nft_ctx_buffer_error\0")
-                .map_err(fail)?;
-            let get_output = *lib
-                .get::<GetBufferFn>(b"nft_ctx_get_output_buffer\0")
-                .map_err(fail)?;
-            let get_error = *lib
-                .get::<GetBufferFn>(b"nft_ctx_get_error_buffer\0")
-                .map_err(fail)?;
-            let run_cmd = *lib
-                .get::<RunFn>(b"nft_run_cmd_from_buffer\0")
-                .map_err(fail)?;
+            let ctx_new: NewFn = sym(&lib, path, b"nft_ctx_new\0")?;
+            let ctx_free: FreeFn = sym(&lib, path, b"nft_ctx_free\0")?;
+            let set_output_flags: SetFlagsFn = sym(&lib, path, b"nft_ctx_output_set_flags\0")?;
+            let buffer_output: BufferFn = sym(&lib, path, b"nft_ctx_buffer_output\0")?;
+            let buffer_error: BufferFn = sym(&lib, path, b"nft_ctx_buffer_error\0")?;
+            let get_output: GetBufferFn = sym(&lib, path, b"nft_ctx_get_output_buffer\0")?;
+            let get_error: GetBufferFn = sym(&lib, path, b"nft_ctx_get_error_buffer\0")?;
+            let run_cmd: RunFn = sym(&lib, path, b"nft_run_cmd_from_buffer\0")?;
             // NFT_CTX_DEFAULT (0); a null return means out of memory.
             let ctx = ctx_new(0);
             if ctx.is_null() {
@@ -1034,6 +1022,14 @@ impl Drop for LibContext {
         // SAFETY: created by nft_ctx_new and freed exactly once.
         unsafe { (self.ctx_free)(self.ctx) }
     }
+}
+
+/// # Safety
+/// `T` must be the type of the symbol `name` (NUL-terminated).
+unsafe fn sym<T: Copy>(lib: &libloading::Library, path: &str, name: &[u8]) -> Result<T, String> {
+    lib.get::<T>(name)
+        .map(|s| *s)
+        .map_err(|e| format!("{path}: {e}"))
 }
 
 /// # Safety

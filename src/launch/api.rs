@@ -281,7 +281,12 @@ impl Client {
     }
 
     pub fn ping(&mut self) -> Result<Ping, ApiError> {
-        let (_, body) = self.call("GET", "vmm.ping", None, CALL_TIMEOUT)?;
+        self.ping_within(CALL_TIMEOUT)
+    }
+
+    /// `vmm.ping` with room for a VMM that is still starting (its socket was bound for it).
+    pub fn ping_within(&mut self, timeout: Duration) -> Result<Ping, ApiError> {
+        let (_, body) = self.call("GET", "vmm.ping", None, timeout)?;
         serde_json::from_slice(&body).map_err(|e| ApiError::Protocol {
             action: "vmm.ping".into(),
             detail: e.to_string(),
@@ -289,7 +294,16 @@ impl Client {
     }
 
     pub fn create(&mut self, config: &serde_json::Value) -> Result<(), ApiError> {
-        self.put_json("vm.create", config, BOOT_TIMEOUT).map(|_| ())
+        self.create_within(config, BOOT_TIMEOUT)
+    }
+
+    /// `vm.create` as the first request to a VMM that may still be starting.
+    pub fn create_within(
+        &mut self,
+        config: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        self.put_json("vm.create", config, timeout).map(|_| ())
     }
 
     pub fn boot(&mut self) -> Result<(), ApiError> {

@@ -16,7 +16,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde::Serialize;
 
-use super::api::Client;
+use super::api::{ApiError, Client};
 use super::cleanup::Cleanup;
 use super::config::{self, Boot, LaunchSpec};
 use super::disk::{self, JobDisk};
@@ -274,15 +274,25 @@ impl<'a> Job<'a> {
 
     /// Create the TAP persistent, register its deletion, attach it isolated, bring it up.
     pub fn create_tap(&mut self) -> Result<(), Failure> {
+        drop(self.create_tap_held()?);
+        self.attach_tap()
+    }
+
+    /// Create the TAP persistent and register its deletion; the returned descriptor still
+    /// holds its queue (see [`tap::create_persistent_held`]).
+    pub fn create_tap_held(&mut self) -> Result<fs::File, Failure> {
         let name = self.state.tap.clone();
-        tap::create_persistent(&name).map_err(|e| Failure::setup(e.to_string()))?;
-        {
-            let n = name.clone();
-            self.cleanup.push(format!("delete TAP {name}"), move || {
-                tap::delete(&n).map(|_| ()).map_err(|e| e.to_string())
-            });
-        }
-        tap::attach_isolated(&name, &self.state.bridge).map_err(|e| Failure::setup(e.to_string()))
+        let tun = tap::create_persistent_held(&name).map_err(|e| Failure::setup(e.to_string()))?;
+        self.cleanup.push(format!("delete TAP {name}"), move || {
+            tap::delete(&name).map(|_| ()).map_err(|e| e.to_string())
+        });
+        Ok(tun)
+    }
+
+    /// Attach the TAP to the bridge as an isolated port and bring it up.
+    pub fn attach_tap(&mut self) -> Result<(), Failure> {
+        tap::attach_isolated(&self.state.tap, &self.state.bridge)
+            .map_err(|e| Failure::setup(e.to_string()))
     }
 
     pub fn spawn_vmm(&mut self) -> Result<(), Failure> {
@@ -300,16 +310,25 @@ impl<'a> Job<'a> {
         self.save_state()
     }
 
-    /// Wait for the socket and ping the VMM.
+    /// A client for the VMM's (pre-bound) API socket, and `vmm.ping` once the VMM answers.
     pub fn connect(&mut self) -> Result<Client, Failure> {
-        let socket = self.paths.socket.clone();
-        let v = self.vmm.as_mut().ok_or_else(|| Failure::boot("no VMM"))?;
-        let mut c = v
-            .wait_for_socket(&socket, vmm::SOCKET_BUDGET)
-            .map_err(|e| Failure::boot(e.to_string()))?;
-        let ping = c.ping().map_err(|e| Failure::boot(e.to_string()))?;
-        tracing::debug!(version = %ping.version, build = %ping.build_version, "vmm.ping");
-        Ok(c)
+        let mut c = Client::new(&self.paths.socket);
+        match c.ping_within(vmm::STARTUP_BUDGET) {
+            Ok(ping) => {
+                tracing::debug!(version = %ping.version, build = %ping.build_version, "vmm.ping");
+                Ok(c)
+            }
+            Err(e) => Err(self.api_failure(e)),
+        }
+    }
+
+    /// A failed call to a VMM that may have died meanwhile: its exit status and log tail when
+    /// it did, the API error otherwise.
+    pub fn api_failure(&mut self, e: ApiError) -> Failure {
+        match self.vmm.as_mut().and_then(|v| v.early_exit(&e)) {
+            Some(early) => Failure::boot(early.to_string()),
+            None => Failure::boot(e.to_string()),
+        }
     }
 
     pub fn mark_running(&mut self) -> Result<(), Failure> {
@@ -525,24 +544,36 @@ fn thread_count() -> usize {
 
 /// Fork the detached supervisor. The child continues the launch (VMM, boot, supervision) in
 /// its own session with stdio on `supervisor.log`; the parent waits for its report.
-pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), Failure> {
+///
+/// `tun`, the descriptor still attached to the job's new TAP, is closed by the parent, which
+/// has nothing else to do: the kernel's detach wait (an RCU grace period) then overlaps with
+/// the child starting the VMM. The parent says so with one byte on the report socket; the
+/// child reads it ([`tap_released`]) before the VMM may open the TAP.
+pub fn fork_supervisor<'a>(
+    job: Job<'a>,
+    tun: Option<fs::File>,
+) -> Result<(ForkSide, Option<Job<'a>>), Failure> {
     if thread_count() != 1 {
         return Err(Failure::setup(
             "internal: cannot detach from a multi-threaded process",
         ));
     }
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Failure::setup(format!("pipe: {e}")))?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Failure::setup(format!("socketpair: {e}")))?;
     let sup_log = job.paths.dir.join("supervisor.log");
     // SAFETY: the process is single-threaded (checked above), so the child may run any code.
     match unsafe { nix::unistd::fork() } {
         Err(e) => Err(Failure::setup(format!("fork: {e}"))),
         Ok(nix::unistd::ForkResult::Parent { .. }) => {
-            drop(w);
+            drop(theirs);
             job.hand_over();
+            let mut sock = ours;
+            if let Some(t) = tun {
+                drop(t);
+                let _ = sock.write_all(&[1]);
+            }
             let mut text = String::new();
-            let _ = fs::File::from(r).read_to_string(&mut text);
-            tt("parent: report read");
+            let _ = sock.read_to_string(&mut text);
             let report = serde_json::from_str::<Report>(text.trim()).unwrap_or(Report {
                 ok: false,
                 code: code::SETUP_FAILED,
@@ -556,8 +587,9 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             Ok((ForkSide::Parent(report), None))
         }
         Ok(nix::unistd::ForkResult::Child) => {
-            tt("child: forked");
-            drop(r);
+            drop(ours);
+            // The parent's copy keeps the TAP's queue until it closes it: this close is cheap.
+            drop(tun);
             let _ = nix::unistd::setsid();
             if let Ok(null) = fs::File::open("/dev/null") {
                 let _ = nix::unistd::dup2_stdin(null.as_fd());
@@ -567,9 +599,22 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
                 let _ = nix::unistd::dup2_stderr(f.as_fd());
             }
             let mut job = job;
+            // Written with the VMM's pid right after the spawn: nothing in between to record.
             job.state.supervisor_pid = std::process::id() as i32;
-            job.save_state()?;
-            Ok((ForkSide::Child(fs::File::from(w)), Some(job)))
+            let w = fs::File::from(std::os::fd::OwnedFd::from(theirs));
+            Ok((ForkSide::Child(w), Some(job)))
+        }
+    }
+}
+
+/// Child side: wait until the launching process closed its descriptor of the TAP (one byte,
+/// or end of file if it died — its descriptors are closed either way).
+pub fn tap_released(w: &mut fs::File) {
+    let mut b = [0u8; 1];
+    loop {
+        match w.read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return,
         }
     }
 }
@@ -747,7 +792,6 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
 
 /// `chvkit launch`.
 pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
-    tt("launch() entered");
     let job_id = a.job_id.clone().unwrap_or_else(identity::generate_job_id);
     if let Err(e) = identity::validate_job_id(&job_id) {
         return usage(e);
@@ -846,18 +890,8 @@ enum Done {
     DetachedChildEnded(i32),
 }
 
-pub fn tt(what: &str) {
-    if std::env::var_os("CHVKIT_TRACE_TIMING").is_some() {
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-        eprintln!("TT {} {} {} {}", now.as_micros(), std::process::id(), ru.ru_minflt, what);
-    }
-}
-
 /// Debug-level timing of the launch path (`-vv` shows where the milliseconds go).
 fn stage(t0: Instant, what: &str) {
-    tt(what);
     tracing::debug!(
         ms = format!("{:.2}", t0.elapsed().as_secs_f64() * 1000.0),
         "{what}"
@@ -913,7 +947,11 @@ fn prepare_and_run(
     }
     let mut reporter = None;
     let mut job = if a.detach {
-        match fork_supervisor(job)? {
+        // Created before the fork so that the launching process, idle from then on, pays for
+        // closing the descriptor (see `fork_supervisor`).
+        let tun = job.create_tap_held()?;
+        stage(t0, "TAP created");
+        match fork_supervisor(job, Some(tun))? {
             (ForkSide::Parent(report), _) => return Ok(Done::Detached(report)),
             (ForkSide::Child(w), Some(j)) => {
                 reporter = Some(w);
@@ -945,20 +983,31 @@ fn prepare_and_run(
         }
         job.write_env_disk(&spec.env)?;
         stage(t0, "env disk written");
-        job.create_tap()?;
+        match reporter.as_mut() {
+            Some(w) => {
+                tap_released(w);
+                stage(t0, "TAP released by the launching process");
+                job.attach_tap()?;
+            }
+            None => job.create_tap()?,
+        }
         stage(t0, "TAP created, attached, up");
-        let mut c = job.connect()?;
-        stage(t0, "API socket up, vmm.ping answered");
+        // No wait for the socket and no `vmm.ping` first: the socket listens since before the
+        // VMM started, so vm.create goes out now and is answered as soon as the VMM is up (a
+        // VMM that died instead shows up as a refused or reset connection, explained below).
+        let mut c = Client::new(&job.paths.socket);
         let cfg = vm_config(spec, &job.paths, &d, landlock);
         created = true;
-        if let Err(e) = c.create(&cfg) {
-            // A failed create may still leave a stored config.
-            let _ = c.delete();
-            return Err(Failure::boot(e.to_string()));
+        if let Err(e) = c.create_within(&cfg, vmm::STARTUP_BUDGET) {
+            if e.chain().is_some() {
+                // A failed create may still leave a stored config.
+                let _ = c.delete();
+            }
+            return Err(job.api_failure(e));
         }
         stage(t0, "vm.create returned");
         // Never retried: a second boot after a failed one is unsafe (facts §2).
-        c.boot().map_err(|e| Failure::boot(e.to_string()))?;
+        c.boot().map_err(|e| job.api_failure(e))?;
         stage(t0, "vm.boot returned");
         job.mark_running()?;
         Ok(c)
@@ -1019,6 +1068,12 @@ fn prepare_and_run(
         );
     }
     drop(reporter);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // Off the launch path: the launching process has its answer already.
+        if let Ok(p) = client.ping() {
+            tracing::debug!(version = %p.version, build = %p.build_version, "vmm.ping");
+        }
+    }
     let watch = Watch {
         timeout: spec.timeout,
         grace: spec.grace,

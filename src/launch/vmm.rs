@@ -1,22 +1,23 @@
 //! The Cloud Hypervisor process: spawning it, waiting for its socket, watching it, ending it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
-use super::api::Client;
+use super::api::{ApiError, Client};
 
-/// How long to wait for the API socket after exec (Kata: 10 s; it appears in ~10 ms).
-pub const SOCKET_BUDGET: Duration = Duration::from_secs(10);
-/// Polling step while waiting for the socket.
-pub const SOCKET_STEP: Duration = Duration::from_millis(1);
+/// How long a just-started VMM may take to answer its first request (Kata waits 10 s for the
+/// socket; it answers within a few ms here).
+pub const STARTUP_BUDGET: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -26,13 +27,13 @@ pub enum VmmError {
         #[source]
         source: io::Error,
     },
-    #[error("the VMM exited ({status}) before its API socket appeared{log}")]
+    #[error("the VMM exited ({status}) before answering on its API socket{log}")]
     EarlyExit { status: String, log: String },
-    #[error("the VMM's API socket {path} did not appear within {}s{log}", budget.as_secs())]
-    NoSocket {
+    #[error("cannot create the API socket {path}: {source}")]
+    Socket {
         path: PathBuf,
-        budget: Duration,
-        log: String,
+        #[source]
+        source: io::Error,
     },
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -73,7 +74,6 @@ pub fn find_binary(ctx: &crate::Context) -> Result<PathBuf, String> {
 
 /// A running VMM, our child.
 pub struct Vmm {
-    child: Child,
     pub pid: i32,
     pidfd: OwnedFd,
     pub start_ticks: Option<u64>,
@@ -81,12 +81,13 @@ pub struct Vmm {
     status: Option<ExitStatus>,
 }
 
-/// The command line we run, without the binary: the API socket and the event monitor are
-/// command-line only. Seccomp stays at its default (on).
-pub fn vmm_args(socket: &Path, events: &Path) -> Vec<String> {
+/// The command line we run, without the binary: the API socket (a listening socket chvkit
+/// bound, passed as descriptor `socket_fd`) and the event monitor are command-line only.
+/// Seccomp stays at its default (on).
+pub fn vmm_args(socket_fd: RawFd, events: &Path) -> Vec<String> {
     vec![
         "--api-socket".into(),
-        format!("path={}", socket.display()),
+        format!("fd={socket_fd}"),
         "--event-monitor".into(),
         format!("path={}", events.display()),
     ]
@@ -96,67 +97,49 @@ impl Vmm {
     /// Spawn the VMM. It gets its own process group (a terminal's Ctrl-C goes to chvkit, which
     /// then stops the VM in order) and dies with its parent (PR_SET_PDEATHSIG), so killing the
     /// supervisor can leave files behind for `gc`, never a running VM nobody watches.
+    ///
+    /// The API socket is bound and listening before the VMM starts (libvirt does the same) and
+    /// handed over as `--api-socket fd=N`: a client can connect and send its first request at
+    /// once — the kernel queues it until the VMM accepts — so nobody polls for the socket, and a
+    /// stale socket file cannot make the VMM fail. Only the VMM keeps the listening descriptor:
+    /// if it dies, queued and later connections fail instead of hanging.
     pub fn spawn(bin: &Path, socket: &Path, events: &Path, log: &Path) -> Result<Vmm, VmmError> {
+        let sock_err = |source| VmmError::Socket {
+            path: socket.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(socket).map_err(sock_err)?;
+        fs::set_permissions(socket, fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+        let lfd = listener.as_raw_fd();
         let out = open_append(log)?;
-        let err = out.try_clone()?;
-        let parent = std::process::id() as libc::pid_t;
-        let mut cmd = Command::new(bin);
-        cmd.args(vmm_args(socket, events))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        // SAFETY: only async-signal-safe calls (prctl, getppid, setpgid, sigprocmask, _exit) run between
-        // fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // chvkit blocks SIGINT/SIGTERM/SIGHUP to read them from a signalfd; the mask is
-                // inherited across exec, and the VMM needs them unblocked ("Error blocking
-                // signals: signal 15 already blocked").
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let t = std::time::Instant::now();
-        let child = cmd.spawn().map_err(|source| VmmError::Spawn {
+        let null = File::open("/dev/null")?;
+        let args = vmm_args(lfd, events);
+        let pid = spawn_child(
+            bin,
+            &args,
+            [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+            lfd,
+        )
+        .map_err(|source| VmmError::Spawn {
             bin: bin.to_path_buf(),
             source,
         })?;
-        let pid = child.id() as i32;
-        tracing::trace!(us = t.elapsed().as_micros() as u64, "spawned the VMM");
+        // From here on only the VMM holds the listening socket.
+        drop(listener);
         // SAFETY: pidfd_open has no memory arguments; the result is checked before use.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
             let e = io::Error::last_os_error();
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
+            // SAFETY: plain kill/waitpid of our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
             return Err(VmmError::Io(e));
         }
         // SAFETY: a fresh fd we own.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         Ok(Vmm {
-            child,
             pid,
             pidfd,
             start_ticks: super::rundir::process_start_ticks(pid),
@@ -178,33 +161,26 @@ impl Vmm {
         }
     }
 
-    /// Poll (≤ [`SOCKET_STEP`] steps) until the socket accepts connections.
-    pub fn wait_for_socket(&mut self, path: &Path, budget: Duration) -> Result<Client, VmmError> {
-        let deadline = Instant::now() + budget;
-        loop {
-            if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Ok(Client::new(path));
-            }
-            if let Some(st) = self.try_wait()? {
-                return Err(VmmError::EarlyExit {
-                    status: describe_status(st),
-                    log: self.log_tail(),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(VmmError::NoSocket {
-                    path: path.to_path_buf(),
-                    budget,
-                    log: self.log_tail(),
-                });
-            }
-            std::thread::sleep(SOCKET_STEP);
+    /// After a failed first call: if the VMM died, its exit status and log tail say why (the
+    /// failed call itself only saw a refused or reset connection). `None` while it runs, or
+    /// when the VMM answered (its own error chain is the message then).
+    pub fn early_exit(&mut self, e: &ApiError) -> Option<VmmError> {
+        if e.chain().is_some() {
+            return None;
+        }
+        // The socket closes as the VMM exits, a moment before its status can be collected.
+        match self.wait_timeout(Duration::from_millis(200)) {
+            Ok(Some(st)) => Some(VmmError::EarlyExit {
+                status: describe_status(st),
+                log: self.log_tail(),
+            }),
+            _ => None,
         }
     }
 
     pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self.child.try_wait()?;
+            self.status = waitpid(self.pid, libc::WNOHANG)?;
         }
         Ok(self.status)
     }
@@ -283,8 +259,7 @@ impl Vmm {
             grace.as_millis()
         );
         self.signal(Signal::SIGKILL)?;
-        let st = self.child.wait()?;
-        self.status = Some(st);
+        let st = self.wait()?;
         Ok((st, true))
     }
 
@@ -294,10 +269,176 @@ impl Vmm {
             return;
         }
         let _ = self.signal(Signal::SIGKILL);
-        if let Ok(st) = self.child.wait() {
-            self.status = Some(st);
+        let _ = self.wait();
+    }
+
+    /// Block until the VMM exits.
+    fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(st) = self.status {
+                return Ok(st);
+            }
+            self.status = waitpid(self.pid, 0)?;
         }
     }
+}
+
+/// `waitpid(pid, flags)`: the status once the child exited, `None` while it runs (`WNOHANG`).
+fn waitpid(pid: i32, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    loop {
+        let mut st: libc::c_int = 0;
+        // SAFETY: `st` is a valid out-pointer for the call.
+        let r = unsafe { libc::waitpid(pid, &mut st, flags) };
+        if r == pid {
+            return Ok(Some(ExitStatus::from_raw(st)));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// What the VMM's child side needs, prepared before the clone: it may not allocate.
+struct ChildSpec {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// stdin, stdout, stderr to install.
+    stdio: [RawFd; 3],
+    /// The listening API socket, to keep across exec.
+    keep: RawFd,
+    parent: libc::pid_t,
+    /// errno of the failed step (written by the child, read by the parent after the clone).
+    errno: libc::c_int,
+}
+
+/// The child side of [`spawn_child`]: runs on its own small stack in the parent's memory
+/// (CLONE_VM) while the parent is suspended (CLONE_VFORK), so it only makes system calls —
+/// no allocation, no locks — and ends in execve or _exit.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the ChildSpec on the suspended parent's stack; only raw,
+    // async-signal-safe system calls follow.
+    unsafe {
+        let c = &mut *(arg as *mut ChildSpec);
+        let fail = |c: &mut ChildSpec| -> ! {
+            c.errno = *libc::__errno_location();
+            libc::_exit(127)
+        };
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            fail(c);
+        }
+        // The parent may have died before prctl took effect.
+        if libc::getppid() != c.parent {
+            libc::_exit(1);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(c);
+        }
+        // Rust ignores SIGPIPE, and ignored signals stay ignored across exec. This child has
+        // its own copy of the handler table (no CLONE_SIGHAND).
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // chvkit blocks SIGINT/SIGTERM/SIGHUP to read them from a signalfd; the mask is
+        // inherited across exec, and the VMM needs them unblocked ("Error blocking signals:
+        // signal 15 already blocked").
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            fail(c);
+        }
+        for (target, fd) in c.stdio.into_iter().enumerate() {
+            let target = target as RawFd;
+            let r = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if r < 0 {
+                fail(c);
+            }
+        }
+        // The listening socket is close-on-exec everywhere but in the VMM.
+        if libc::fcntl(c.keep, libc::F_SETFD, 0) != 0 {
+            fail(c);
+        }
+        libc::execve(c.path, c.argv, c.envp);
+        fail(c)
+    }
+}
+
+/// Start `bin args` as a child the way posix_spawn does — clone(CLONE_VM | CLONE_VFORK), no
+/// copy of chvkit's page tables and no copy-on-write faults afterwards (each costs
+/// microseconds on a nested-virtualization host) — but with what posix_spawn cannot do:
+/// PR_SET_PDEATHSIG. Returns once the child has exec'd; an exec failure is returned as its
+/// errno.
+fn spawn_child(bin: &Path, args: &[String], stdio: [RawFd; 3], keep: RawFd) -> io::Result<i32> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr =
+        |b: &[u8]| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+    let path = cstr(bin.as_os_str().as_bytes())?;
+    let mut argv_c = vec![path.clone()];
+    for a in args {
+        argv_c.push(cstr(a.as_bytes())?);
+    }
+    let envp_c = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(&kv)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let ptrs = |v: &[CString]| {
+        let mut p: Vec<*const libc::c_char> = v.iter().map(|c| c.as_ptr()).collect();
+        p.push(std::ptr::null());
+        p
+    };
+    let (argv, envp) = (ptrs(&argv_c), ptrs(&envp_c));
+    let mut spec = ChildSpec {
+        path: path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        stdio,
+        keep,
+        parent: std::process::id() as libc::pid_t,
+        errno: 0,
+    };
+    // The child's stack until execve; 16-byte aligned top.
+    let mut stack = vec![0u8; 64 * 1024];
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the stack outlives the child's use of it (the parent is suspended until execve
+    // or _exit), `spec` and everything it points at live until after the call returns, and
+    // child_main makes only raw system calls.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut spec as *mut ChildSpec as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the child has exec'd or exited; nothing writes `spec` any more.
+    let errno = unsafe { std::ptr::read_volatile(&spec.errno) };
+    if errno != 0 {
+        // SAFETY: reap our own failed child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok(pid)
 }
 
 /// "exit status 1", "killed by SIGKILL".
@@ -348,3 +489,60 @@ pub fn landlock_abi() -> i64 {
 
 /// Cloud Hypervisor requires Landlock ABI v3 (HardRequirement in its landlock module).
 pub const LANDLOCK_MIN_ABI: i64 = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-rolled spawn gives the child what posix_spawn would (stdio, an empty signal
+    /// mask, SIGPIPE not ignored, its own process group) plus the parent-death signal and the
+    /// one inherited descriptor; exec failures come back as errors.
+    #[test]
+    fn spawn_child_sets_up_the_child_and_reports_exec_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let out = File::create(d.path().join("out")).unwrap();
+        let null = File::open("/dev/null").unwrap();
+        let keep = UnixListener::bind(d.path().join("s")).unwrap();
+        // Blocked here, as in chvkit: the child must start with an empty mask.
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.thread_block().unwrap();
+        let script = format!(
+            "grep -E '^(SigBlk|SigIgn):' /proc/self/status; \
+             test -e /proc/self/fd/{} && echo kept; \
+             cut -d' ' -f5 /proc/self/stat; echo $$; exit 7",
+            keep.as_raw_fd()
+        );
+        let pid = spawn_child(
+            Path::new("/bin/sh"),
+            &["-c".into(), script],
+            [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+            keep.as_raw_fd(),
+        )
+        .unwrap();
+        set.thread_unblock().unwrap();
+        let st = waitpid(pid, 0).unwrap().unwrap();
+        assert_eq!(st.code(), Some(7));
+        let text = fs::read_to_string(d.path().join("out")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "SigBlk:\t0000000000000000", "{text}");
+        // SIGPIPE is signal 13: bit 12 of the ignored set.
+        let ign = u64::from_str_radix(lines[1].trim_start_matches("SigIgn:\t"), 16).unwrap();
+        assert_eq!(ign & (1 << 12), 0, "{text}");
+        assert_eq!(lines[2], "kept", "{text}");
+        // Its own process group: pgid == pid.
+        assert_eq!(lines[3], lines[4], "{text}");
+        // The listening socket stays close-on-exec in this process.
+        let fl = unsafe { libc::fcntl(keep.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(fl & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+
+        let e = spawn_child(
+            Path::new("/nonexistent/cloud-hypervisor"),
+            &[],
+            [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+            keep.as_raw_fd(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+}

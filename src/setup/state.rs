@@ -13,6 +13,8 @@ use crate::{fsutil, paths::Root, profile::Profile};
 
 pub const FILE_NAME: &str = "setup-state.json";
 pub const SCHEMA: u32 = 1;
+/// What the file is called in messages.
+const WHAT: &str = "setup state";
 
 pub type StateError = fsutil::JsonFileError;
 
@@ -104,7 +106,7 @@ impl SetupState {
     }
 
     pub fn load(path: &Path) -> Result<Option<SetupState>, StateError> {
-        fsutil::load_json(path)
+        fsutil::load_json(path, WHAT, SCHEMA)
     }
 
     /// Nothing left to undo (created directories do not count: they go last, when empty).
@@ -118,7 +120,7 @@ impl SetupState {
 
     /// Write only if the content differs from what is on disk.
     pub fn save(&self, path: &Path) -> Result<bool, StateError> {
-        fsutil::save_json(path, self, 0o644)
+        fsutil::save_json(path, WHAT, self, 0o644)
     }
 
     /// Remember the value a sysctl had before chvkit first changed it. A later run that finds
@@ -147,14 +149,6 @@ impl SetupState {
         if !self.files.iter().any(|p| p == host_path) {
             self.files.push(host_path.to_path_buf());
         }
-    }
-}
-
-impl fsutil::Versioned for SetupState {
-    const WHAT: &'static str = "setup state";
-    const SCHEMA: u32 = SCHEMA;
-    fn schema(&self) -> u32 {
-        self.schema
     }
 }
 

@@ -17,6 +17,10 @@ use sha2::{Digest, Sha256};
 
 use crate::common::NetNs;
 
+/// File names of the fake artifacts (as the profile's URLs end).
+pub const CHV: &str = "cloud-hypervisor-static";
+pub const FW: &str = "hypervisor-fw";
+
 /// Run chvkit inside `ns` with `--profile`/`--root` of `env` and extra environment.
 pub fn chvkit_env(ns: &NetNs, env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Output {
     let mut c = ns.cmd(crate::common::chvkit());
@@ -313,6 +317,43 @@ pub fn results(v: &serde_json::Value) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A fresh test environment: fake artifacts (`fw_len` bytes of firmware, pinned; the binary
+/// not), served over HTTP from inside `ns`. Returns the binary and the firmware too.
+pub fn env_with_server(
+    ns: &NetNs,
+    tag: &str,
+    fw_len: usize,
+) -> (Env, HttpServer, Vec<u8>, Vec<u8>) {
+    let chv = fake_chv(tag);
+    let fw = random_bytes(fw_len);
+    let env = Env::new(&profile_yaml(&sha256_hex(&fw), &[]));
+    let srv = HttpServer::start(Some(&ns.name));
+    srv.put(CHV, &chv);
+    srv.put(FW, &fw);
+    (env, srv, chv, fw)
+}
+
+/// Ids of the items a setup/teardown `--json` report changed, in report order.
+pub fn changed(v: &serde_json::Value) -> Vec<String> {
+    results(v)
+        .into_iter()
+        .filter(|(_, r)| r == "changed")
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// A test environment whose artifacts come from a mirror directory: a fake binary and
+/// `fw_len` random bytes of firmware, pinned in the profile (`extra` edits it further, as for
+/// [`profile_yaml`]). Returns the firmware and the `--artifacts-from` argument.
+pub fn env_with_mirror(tag: &str, fw_len: usize, extra: &[(&str, &str)]) -> (Env, Vec<u8>, String) {
+    let fw = random_bytes(fw_len);
+    let env = Env::new(&profile_yaml(&sha256_hex(&fw), extra));
+    std::fs::write(env.mirror().join(CHV), fake_chv(tag)).unwrap();
+    std::fs::write(env.mirror().join(FW), &fw).unwrap();
+    let mirror = env.mirror().display().to_string();
+    (env, fw, mirror)
 }
 
 pub fn read(p: &Path) -> Vec<u8> {

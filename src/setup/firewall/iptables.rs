@@ -31,57 +31,32 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
+/// A rule from `args` split at spaces (bridge names and prefixes contain none).
+fn rule(table: &'static str, chain: &'static str, args: &str) -> Rule {
+    (table, chain, args.split(' ').map(str::to_string).collect())
+}
+
+const ESTABLISHED: &str = "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT";
+
 /// `(table, chain, args)` for every rule in chvkit's chains.
 fn chain_rules(r: &Rules) -> Vec<Rule> {
     let br = r.bridge.as_str();
     let mut v: Vec<Rule> = vec![
-        ("filter", CHAIN_FWD, s(&["-i", br, "-j", "ACCEPT"])),
-        (
-            "filter",
-            CHAIN_FWD,
-            s(&[
-                "-o",
-                br,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "RELATED,ESTABLISHED",
-                "-j",
-                "ACCEPT",
-            ]),
-        ),
-        (
-            "filter",
-            CHAIN_IN,
-            s(&[
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "RELATED,ESTABLISHED",
-                "-j",
-                "ACCEPT",
-            ]),
-        ),
-        ("filter", CHAIN_IN, s(&["-p", "ipv6-icmp", "-j", "ACCEPT"])),
+        rule("filter", CHAIN_FWD, &format!("-i {br} -j ACCEPT")),
+        rule("filter", CHAIN_FWD, &format!("-o {br} {ESTABLISHED}")),
+        rule("filter", CHAIN_IN, ESTABLISHED),
+        rule("filter", CHAIN_IN, "-p ipv6-icmp -j ACCEPT"),
     ];
     for p in &r.host_ports {
-        let p = p.to_string();
         for proto in ["tcp", "udp"] {
-            v.push((
-                "filter",
-                CHAIN_IN,
-                s(&["-p", proto, "-m", proto, "--dport", &p, "-j", "ACCEPT"]),
-            ));
+            let args = format!("-p {proto} -m {proto} --dport {p} -j ACCEPT");
+            v.push(rule("filter", CHAIN_IN, &args));
         }
     }
-    v.push(("filter", CHAIN_IN, s(&["-j", "DROP"])));
+    v.push(rule("filter", CHAIN_IN, "-j DROP"));
     if r.nat {
-        let prefix = r.prefix.to_string();
-        v.push((
-            "nat",
-            CHAIN_NAT,
-            s(&["-s", &prefix, "!", "-o", br, "-j", "MASQUERADE"]),
-        ));
+        let args = format!("-s {} ! -o {br} -j MASQUERADE", r.prefix);
+        v.push(rule("nat", CHAIN_NAT, &args));
     }
     v
 }
@@ -97,11 +72,11 @@ fn chains(r: &Rules) -> Vec<(&'static str, &'static str)> {
 /// `(table, built-in chain, args)` of the jumps into chvkit's chains.
 fn jumps(r: &Rules) -> Vec<Rule> {
     let mut j: Vec<Rule> = vec![
-        ("filter", "FORWARD", s(&["-j", CHAIN_FWD])),
-        ("filter", "INPUT", s(&["-i", &r.bridge, "-j", CHAIN_IN])),
+        rule("filter", "FORWARD", &format!("-j {CHAIN_FWD}")),
+        rule("filter", "INPUT", &format!("-i {} -j {CHAIN_IN}", r.bridge)),
     ];
     if r.nat {
-        j.push(("nat", "POSTROUTING", s(&["-j", CHAIN_NAT])));
+        j.push(rule("nat", "POSTROUTING", &format!("-j {CHAIN_NAT}")));
     }
     j
 }
@@ -401,6 +376,35 @@ mod tests {
             table: "chvkit".into(),
         };
         let rs = chain_rules(&r);
+        let est = [
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ];
+        let fwd_back = [&["-o", "chvbr0"][..], &est].concat();
+        let tcp = ["-p", "tcp", "-m", "tcp", "--dport", "8080", "-j", "ACCEPT"];
+        let udp = ["-p", "udp", "-m", "udp", "--dport", "8080", "-j", "ACCEPT"];
+        let nat = ["-s", "fdcd::/16", "!", "-o", "chvbr0", "-j", "MASQUERADE"];
+        let want: Vec<Rule> = vec![
+            ("filter", CHAIN_FWD, s(&["-i", "chvbr0", "-j", "ACCEPT"])),
+            ("filter", CHAIN_FWD, s(&fwd_back)),
+            ("filter", CHAIN_IN, s(&est)),
+            ("filter", CHAIN_IN, s(&["-p", "ipv6-icmp", "-j", "ACCEPT"])),
+            ("filter", CHAIN_IN, s(&tcp)),
+            ("filter", CHAIN_IN, s(&udp)),
+            ("filter", CHAIN_IN, s(&["-j", "DROP"])),
+            ("nat", CHAIN_NAT, s(&nat)),
+        ];
+        assert_eq!(rs, want);
+        let want_jumps: Vec<Rule> = vec![
+            ("filter", "FORWARD", s(&["-j", CHAIN_FWD])),
+            ("filter", "INPUT", s(&["-i", "chvbr0", "-j", CHAIN_IN])),
+            ("nat", "POSTROUTING", s(&["-j", CHAIN_NAT])),
+        ];
+        assert_eq!(jumps(&r), want_jumps);
         assert_eq!(rs.last().unwrap().1, CHAIN_NAT);
         assert!(rs
             .iter()
