@@ -187,8 +187,14 @@ fn compare(label: &str, tree: &Path, dir: &Path, runs: usize) {
     let r0 = &reports[0];
     println!("  pack, median of {runs} (runs: fast {fast:.2?} host {host:.2?} same {same:.2?}):");
     println!("  chvkit fast path:                                              {mf:.2}s");
-    println!("  mkfs.ext4 -d, host default features (baseline):                {mh:.2}s  ratio {:.2}x", mh / mf);
-    println!("  mkfs.ext4 -d, fast path's final features, csum at creation:    {ms:.2}s  ratio {:.2}x", ms / mf);
+    println!(
+        "  mkfs.ext4 -d, host default features (baseline):                {mh:.2}s  ratio {:.2}x",
+        mh / mf
+    );
+    println!(
+        "  mkfs.ext4 -d, fast path's final features, csum at creation:    {ms:.2}s  ratio {:.2}x",
+        ms / mf
+    );
     println!(
         "  fast path steps (medians): mkfs -d {:.2}s, inode pass {:.3}s, tune2fs {:.2}s, e2fsck -fyD {} ({} multi-block dirs), fsync {:.3}s",
         step(&|r| secs(r.mkfs)),

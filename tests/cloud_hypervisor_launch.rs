@@ -507,6 +507,20 @@ fn cloud_hypervisor_launch_tap_held_names_the_holder() {
     assert!(!e.run_dir("held").exists());
     assert!(e.disks().is_empty());
     assert!(e.links().contains(&tap));
+    // Detached, the launching process creates the TAP while the supervisor starts the VMM:
+    // the same error reaches the user, and the supervisor's cleanup leaves the holder's TAP
+    // alone.
+    let o = e.launch("held", &["--detach"]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    assert!(
+        stderr(&o).contains(&format!("TAP {tap} is already in use by pid {me}")),
+        "{}",
+        common::text(&o)
+    );
+    assert!(!e.run_dir("held").exists());
+    assert!(!e.runtime().join("held.lock").exists());
+    assert!(e.disks().is_empty(), "{:?}", e.disks());
+    assert!(e.links().contains(&tap), "{}", e.links());
     done_tx.send(()).unwrap();
     holder.join().unwrap();
 }

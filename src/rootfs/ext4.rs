@@ -251,10 +251,8 @@ fn with_writeback<T>(file: &File, f: impl FnOnce() -> T) -> T {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let flusher = s.spawn(|| {
-            let ms: u64 = std::env::var("TMP_WB_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-            if ms == 0 { return; }
             while !stop.load(Ordering::Relaxed) {
-                std::thread::park_timeout(Duration::from_millis(ms));
+                std::thread::park_timeout(WRITEBACK_EVERY);
                 // SAFETY: plain syscall on an fd that outlives this scope.
                 unsafe {
                     libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
@@ -697,10 +695,15 @@ mod tests {
         assert_eq!(f, want);
         // The clean state tune2fs leaves is what lets pack skip e2fsck; a cleared
         // EXT2_VALID_FS (what tune2fs does when it wants a fsck) must be seen.
-        let file = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
         let mut st = [0u8; 2];
         file.read_exact_at(&mut st, 1024 + 0x3A).unwrap();
-        file.write_all_at(&[st[0] & !1, st[1]], 1024 + 0x3A).unwrap();
+        file.write_all_at(&[st[0] & !1, st[1]], 1024 + 0x3A)
+            .unwrap();
         assert!(fsck_requested(&img).unwrap());
     }
 
@@ -712,7 +715,9 @@ mod tests {
         assert_eq!(r.inodes.multiblock_dirs, 0, "{r:?}");
         assert!(r.e2fsck.is_none(), "{r:?}");
         verify(&img).unwrap();
-        assert!(features(&img).unwrap().contains(&"metadata_csum".to_string()));
+        assert!(features(&img)
+            .unwrap()
+            .contains(&"metadata_csum".to_string()));
     }
 
     #[test]
