@@ -507,9 +507,8 @@ fn cloud_hypervisor_launch_tap_held_names_the_holder() {
     assert!(!e.run_dir("held").exists());
     assert!(e.disks().is_empty());
     assert!(e.links().contains(&tap));
-    // Detached, the launching process creates the TAP while the supervisor starts the VMM:
-    // the same error reaches the user, and the supervisor's cleanup leaves the holder's TAP
-    // alone.
+    // Detached, the supervisor meets the held TAP after it started the VMM: the same error
+    // reaches the user through its report, the VMM is gone, and the holder's TAP is left alone.
     let o = e.launch("held", &["--detach"]);
     assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
     assert!(

@@ -544,16 +544,7 @@ fn thread_count() -> usize {
 
 /// Fork the detached supervisor. The child continues the launch (VMM, boot, supervision) in
 /// its own session with stdio on `supervisor.log`; the parent waits for its report.
-///
-/// `tun`, the descriptor still attached to the job's new TAP, is closed by the parent, which
-/// has nothing else to do: tun's detach waits for an RCU grace period then (`synchronize_net`:
-/// 0.05 ms idle, 2-5 ms on a busy host here), which so overlaps with the child starting the
-/// VMM. The parent says so with one byte on the report socket; the child reads it
-/// ([`tap_released`]) before the VMM may open the TAP (EBUSY while the queue is held).
-pub fn fork_supervisor<'a>(
-    job: Job<'a>,
-    tun: Option<fs::File>,
-) -> Result<(ForkSide, Option<Job<'a>>), Failure> {
+pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), Failure> {
     if thread_count() != 1 {
         return Err(Failure::setup(
             "internal: cannot detach from a multi-threaded process",
@@ -569,10 +560,6 @@ pub fn fork_supervisor<'a>(
             drop(theirs);
             job.hand_over();
             let mut sock = ours;
-            if let Some(t) = tun {
-                drop(t);
-                let _ = sock.write_all(&[1]);
-            }
             let mut text = String::new();
             let _ = sock.read_to_string(&mut text);
             let report = serde_json::from_str::<Report>(text.trim()).unwrap_or(Report {
@@ -589,8 +576,6 @@ pub fn fork_supervisor<'a>(
         }
         Ok(nix::unistd::ForkResult::Child) => {
             drop(ours);
-            // The parent's copy holds the TAP's queue until it closes it: this close is cheap.
-            drop(tun);
             let _ = nix::unistd::setsid();
             if let Ok(null) = fs::File::open("/dev/null") {
                 let _ = nix::unistd::dup2_stdin(null.as_fd());
@@ -604,18 +589,6 @@ pub fn fork_supervisor<'a>(
             job.state.supervisor_pid = std::process::id() as i32;
             let w = fs::File::from(std::os::fd::OwnedFd::from(theirs));
             Ok((ForkSide::Child(w), Some(job)))
-        }
-    }
-}
-
-/// Child side: wait until the launching process closed its descriptor of the TAP (one byte,
-/// or end of file if it died: its descriptors are closed then).
-pub fn tap_released(w: &mut fs::File) {
-    let mut b = [0u8; 1];
-    loop {
-        match w.read(&mut b) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            _ => return,
         }
     }
 }
@@ -948,11 +921,7 @@ fn prepare_and_run(
     }
     let mut reporter = None;
     let mut job = if a.detach {
-        // Created before the fork so that the launching process, idle from then on, pays for
-        // closing its descriptor (see `fork_supervisor`).
-        let tun = job.create_tap_held()?;
-        stage(t0, "TAP created");
-        match fork_supervisor(job, Some(tun))? {
+        match fork_supervisor(job)? {
             (ForkSide::Parent(report), _) => return Ok(Done::Detached(report)),
             (ForkSide::Child(w), Some(j)) => {
                 reporter = Some(w);
@@ -984,14 +953,7 @@ fn prepare_and_run(
         }
         job.write_env_disk(&spec.env)?;
         stage(t0, "env disk written");
-        match reporter.as_mut() {
-            Some(w) => {
-                tap_released(w);
-                stage(t0, "TAP released by the launching process");
-                job.attach_tap()?;
-            }
-            None => job.create_tap()?,
-        }
+        job.create_tap()?;
         stage(t0, "TAP created, attached, up");
         // No wait for the socket and no `vmm.ping` first: the socket listens since before the
         // VMM started, so vm.create goes out now and is answered as soon as the VMM is up (a

@@ -72,9 +72,8 @@ pub fn create_persistent(name: &str) -> Result<(), TapError> {
 
 /// [`create_persistent`], returning the descriptor still attached to the TAP. Closing it
 /// detaches the queue, and the kernel waits for an RCU grace period then (`synchronize_net`
-/// in tun's detach): from 0.05 ms to several ms on a busy host. A caller can close it where
-/// that wait costs nothing — but must close it before the VMM opens the TAP (EBUSY
-/// otherwise: the TAP has a single queue).
+/// in tun's detach): from 0.05 ms to several ms on a busy host. It must be closed before the
+/// VMM opens the TAP (EBUSY otherwise: the TAP has a single queue).
 pub fn create_persistent_held(name: &str) -> Result<fs::File, TapError> {
     let tun = OpenOptions::new()
         .read(true)

@@ -825,7 +825,7 @@ fn restore_inner(
     job.save_state()?;
     job.create_tap()?;
 
-    let (side, job) = run::fork_supervisor(job, None)?;
+    let (side, job) = run::fork_supervisor(job)?;
     let (mut w, mut job) = match (side, job) {
         (ForkSide::Parent(rep), _) => return Ok(RestoreDone::Parent(rep)),
         (ForkSide::Child(w), Some(j)) => (w, j),
