@@ -32,38 +32,26 @@ impl Event {
 
 /// Follows a growing event log, returning whole events as they appear.
 pub struct EventTail {
-    path: PathBuf,
-    offset: u64,
+    tail: ByteTail,
     pending: Vec<u8>,
 }
 
 impl EventTail {
     pub fn new(path: &Path) -> EventTail {
         EventTail {
-            path: path.to_path_buf(),
-            offset: 0,
+            tail: ByteTail::new(path),
             pending: Vec::new(),
         }
     }
 
     /// New complete events since the last call (a half-written one waits for the next call).
     pub fn poll(&mut self) -> io::Result<Vec<Event>> {
-        let mut f = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let len = f.metadata()?.len();
-        if len < self.offset {
-            // Truncated or replaced: start over.
-            self.offset = 0;
+        let (bytes, restarted) = self.tail.poll_restart()?;
+        if restarted {
+            // Truncated or replaced: a half record from before is garbage now.
             self.pending.clear();
         }
-        if len > self.offset {
-            f.seek(SeekFrom::Start(self.offset))?;
-            let n = f.take(len - self.offset).read_to_end(&mut self.pending)?;
-            self.offset += n as u64;
-        }
+        self.pending.extend_from_slice(&bytes);
         Ok(self.drain())
     }
 
@@ -81,7 +69,7 @@ impl EventTail {
                 Some(Err(e)) => {
                     // Not an event we understand: skip to the next blank line so one odd
                     // record cannot wedge the reader.
-                    tracing::warn!(path = %self.path.display(), "unparsable event record: {e}");
+                    tracing::warn!(path = %self.tail.path.display(), "unparsable event record: {e}");
                     let rest = &self.pending[consumed..];
                     consumed += rest
                         .windows(2)
@@ -154,14 +142,20 @@ impl ByteTail {
     }
 
     pub fn poll(&mut self) -> io::Result<Vec<u8>> {
+        self.poll_restart().map(|(bytes, _)| bytes)
+    }
+
+    /// New bytes, and whether the file shrank since the last call (Cloud Hypervisor truncates a
+    /// File serial at reboot and restore), in which case reading started over from the top.
+    pub fn poll_restart(&mut self) -> io::Result<(Vec<u8>, bool)> {
         let mut f = match File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
             Err(e) => return Err(e),
         };
         let len = f.metadata()?.len();
-        if len < self.offset {
-            // Cloud Hypervisor truncates a File serial at reboot and restore.
+        let restarted = len < self.offset;
+        if restarted {
             self.offset = 0;
         }
         let mut out = Vec::new();
@@ -170,7 +164,7 @@ impl ByteTail {
             f.take(len - self.offset).read_to_end(&mut out)?;
             self.offset += out.len() as u64;
         }
-        Ok(out)
+        Ok((out, restarted))
     }
 }
 
