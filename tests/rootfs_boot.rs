@@ -72,21 +72,8 @@ fn image() -> Option<&'static PathBuf> {
         }
         let dir = std::env::temp_dir().join(format!("chvkit-boot-img-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let ctx = dir.join("ctx");
-        fs::create_dir_all(&ctx).unwrap();
-        fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
-        qemu::write_exec(&ctx.join("workload.sh"), WORKLOAD);
-        fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
         let out = dir.join("base.raw");
-        let o = Command::new(common::chvkit())
-            .arg("--root")
-            .arg(dir.join("root"))
-            .args(["rootfs", "--pull", "never", "-o"])
-            .arg(&out)
-            .arg(&ctx)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "chvkit rootfs: {}", common::text(&o));
+        qemu::build_busybox_image(&dir, DOCKERFILE, WORKLOAD, &out);
         Some(out)
     })
     .as_ref()

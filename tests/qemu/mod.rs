@@ -483,3 +483,29 @@ pub fn write_exec(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("write");
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
 }
+
+/// Build a guest image with `chvkit rootfs` from a busybox-static context: `dockerfile` may
+/// `COPY busybox` and `COPY workload.sh`, which hold the host's /bin/busybox and `workload`.
+/// Scratch lives under `dir`; the image is written to `out`.
+pub fn build_busybox_image(dir: &Path, dockerfile: &str, workload: &str, out: &Path) {
+    let ctx = dir.join("ctx");
+    fs::create_dir_all(&ctx).expect("create build context");
+    fs::copy("/bin/busybox", ctx.join("busybox")).expect("copy /bin/busybox");
+    write_exec(&ctx.join("workload.sh"), workload);
+    fs::write(ctx.join("Dockerfile"), dockerfile).expect("write Dockerfile");
+    let o = Command::new(env!("CARGO_BIN_EXE_chvkit"))
+        .arg("--root")
+        .arg(dir.join("root"))
+        .args(["rootfs", "--pull", "never", "-o"])
+        .arg(out)
+        .arg(&ctx)
+        .output()
+        .expect("run chvkit rootfs");
+    assert!(
+        o.status.success(),
+        "chvkit rootfs: {}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
