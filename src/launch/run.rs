@@ -49,6 +49,26 @@ impl Failure {
     pub fn boot(message: impl Into<String>) -> Failure {
         Failure::new(code::BOOT_FAILED, "boot_failed", message)
     }
+
+    /// How the job ended, for its state file.
+    pub fn exit_info(&self) -> ExitInfo {
+        ExitInfo {
+            code: self.code,
+            reason: self.reason.into(),
+            detail: Some(self.message.clone()),
+        }
+    }
+
+    /// What the detached supervisor tells the launching process.
+    pub fn report(&self) -> Report {
+        Report {
+            ok: false,
+            code: self.code,
+            reason: self.reason.into(),
+            message: self.message.clone(),
+            extra: serde_json::Value::Null,
+        }
+    }
 }
 
 /// How a supervised job ended.
@@ -562,15 +582,12 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             let mut sock = ours;
             let mut text = String::new();
             let _ = sock.read_to_string(&mut text);
-            let report = serde_json::from_str::<Report>(text.trim()).unwrap_or(Report {
-                ok: false,
-                code: code::SETUP_FAILED,
-                reason: "setup_failed".into(),
-                message: format!(
+            let report = serde_json::from_str::<Report>(text.trim()).unwrap_or_else(|_| {
+                Failure::setup(format!(
                     "the detached supervisor ended without reporting (see {})",
                     sup_log.display()
-                ),
-                extra: serde_json::Value::Null,
+                ))
+                .report()
             });
             Ok((ForkSide::Parent(report), None))
         }
@@ -986,25 +1003,9 @@ fn prepare_and_run(
                     v.kill_and_reap();
                 }
             }
-            job.finish(
-                Some(ExitInfo {
-                    code: f.code,
-                    reason: f.reason.into(),
-                    detail: Some(f.message.clone()),
-                }),
-                false,
-            );
+            job.finish(Some(f.exit_info()), false);
             if let Some(mut w) = reporter {
-                send_report(
-                    &mut w,
-                    &Report {
-                        ok: false,
-                        code: f.code,
-                        reason: f.reason.into(),
-                        message: f.message.clone(),
-                        extra: serde_json::Value::Null,
-                    },
-                );
+                send_report(&mut w, &f.report());
                 return Ok(Done::DetachedChildEnded(f.code));
             }
             return Err(f);

@@ -859,24 +859,8 @@ fn restore_inner(
                     Duration::from_secs(3),
                 );
             }
-            job.finish(
-                Some(ExitInfo {
-                    code: f.code,
-                    reason: f.reason.into(),
-                    detail: Some(f.message.clone()),
-                }),
-                false,
-            );
-            run::send_report(
-                &mut w,
-                &Report {
-                    ok: false,
-                    code: f.code,
-                    reason: f.reason.into(),
-                    message: f.message,
-                    extra: serde_json::Value::Null,
-                },
-            );
+            job.finish(Some(f.exit_info()), false);
+            run::send_report(&mut w, &f.report());
             return Ok(RestoreDone::Child(code::BOOT_FAILED));
         }
     };
