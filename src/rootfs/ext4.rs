@@ -1,20 +1,19 @@
 //! Packing a directory tree into a raw ext4 image.
 //!
-//! Fast path (facts §4; measurements in docs/rootfs.md): `mkfs.ext4 -d` spends its extra time
-//! with `metadata_csum` on in software crc32c, so the image is created without it (the
-//! portable feature list, no 1.47-only options) and `tune2fs -O metadata_csum` adds it
-//! afterwards, rewriting every checksum in one pass over the metadata. `e2fsck -fyD` follows
-//! only when tune2fs asks for it or a directory spans more than one block (mkfs -d leaves those
-//! unindexed). While mkfs runs, chvkit keeps starting writeback of the image so that disk
-//! writes overlap mkfs's work instead of all waiting in its closing fsync. The feature list is
-//! explicit so guests with e2fsprogs older than 1.47 can still fsck and resize the image (no
-//! `orphan_file`, no `metadata_csum_seed`).
+//! Fast path (measurements in docs/rootfs.md): `mkfs.ext4` makes the empty filesystem without
+//! `metadata_csum` (the portable feature list, no 1.47-only options), chvkit's own writer
+//! ([`super::populate`]) writes the tree into it — mke2fs -d would write file data one block
+//! per syscall — while chvkit keeps starting writeback of the image, `tune2fs -O
+//! metadata_csum` computes every checksum in one pass, and `e2fsck -fyD` follows only when a
+//! directory spans more than one block (to index it) or tune2fs asks for it. The feature list
+//! is explicit so guests with e2fsprogs older than 1.47 can still fsck and resize the image (no
+//! `orphan_file`, no `metadata_csum_seed`). An image layout the writer does not recognise sends
+//! the tree through `mkfs.ext4 -d` instead ([`mkfs_fast`], [`scan_inodes`]).
 //!
 //! Reproducibility: with an epoch, the UUID and hash seed are derived from a caller-given seed,
-//! and two small passes over the image make every timestamp a function of the input: inode
-//! times (mkfs copies `ctime` from `stat`, which no one can set) before checksums exist, and the
+//! the writer makes every inode time a function of the input, and a last pass sets the
 //! superblock times that tune2fs/e2fsck stamp, with the superblock checksum recomputed. Those
-//! passes write through the page cache; [`pack`] fsyncs once at the end.
+//! writes go through the page cache; [`pack`] fsyncs once at the end.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -196,7 +195,7 @@ fn env_for(cmd: &mut Command, epoch: Option<i64>) {
     }
 }
 
-/// Step 1: `mkfs.ext4 -d` without metadata_csum.
+/// The fallback for step 1-2: `mkfs.ext4 -d` without metadata_csum.
 pub fn mkfs_fast(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
     // A fresh all-zero sparse file of the full size (emptied first even if the caller created
     // it). On a regular file mke2fs "discards" by punching holes, knows that reads back zeros,
@@ -208,6 +207,14 @@ pub fn mkfs_fast(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error>
         .open(img)
         .map_err(io_err(img))?;
     f.set_len(o.size_bytes).map_err(io_err(img))?;
+    let mut cmd = mkfs_command(o);
+    cmd.arg("-d").arg(tree).arg(img);
+    env_for(&mut cmd, o.epoch);
+    with_writeback(&f, || run_tool("mkfs.ext4", &mut cmd, &[0]))
+}
+
+/// `mkfs.ext4` with the image's geometry and features; the caller adds `-d` and the image.
+fn mkfs_command(o: &PackOpts) -> Command {
     let mut cmd = Command::new("mkfs.ext4");
     cmd.args([
         "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
@@ -221,9 +228,7 @@ pub fn mkfs_fast(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error>
     if o.epoch.is_some() {
         cmd.args(["-U", &derived_uuid(&o.seed, "uuid")]);
     }
-    cmd.arg("-d").arg(tree).arg(img);
-    env_for(&mut cmd, o.epoch);
-    with_writeback(&f, || run_tool("mkfs.ext4", &mut cmd, &[0]))
+    cmd
 }
 
 fn extended_opts(o: &PackOpts) -> String {
@@ -571,7 +576,11 @@ fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
 /// Where one [`pack`] spent its time, and what it ran.
 #[derive(Debug, Clone, Default)]
 pub struct PackReport {
+    /// `mkfs.ext4` of the empty filesystem (or of the whole tree on the fallback path).
     pub mkfs: Duration,
+    /// chvkit's own writer ([`populate`](super::populate)); zero on the fallback path.
+    pub populate: Duration,
+    /// The inode pass of the fallback path; zero otherwise.
     pub scan: Duration,
     pub tune2fs: Duration,
     /// `None` when e2fsck was not needed (see [`pack`]).
@@ -579,11 +588,50 @@ pub struct PackReport {
     /// The final superblock pass (epoch only) and the one fsync.
     pub sync: Duration,
     pub inodes: InodeScan,
+    /// Why the tree went through `mkfs.ext4 -d` instead of chvkit's writer, if it did.
+    pub fallback: Option<String>,
 }
 
 /// The whole packing stage; the image is durable (fsynced) when it returns.
 pub fn pack(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
     pack_report(tree, img, o).map(|_| ())
+}
+
+/// Step 1 of the fast path: the empty filesystem, with the same options as [`mkfs_fast`].
+pub fn mkfs_empty(img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(img)
+        .map_err(io_err(img))?;
+    f.set_len(o.size_bytes).map_err(io_err(img))?;
+    let mut cmd = mkfs_command(o);
+    cmd.arg(img);
+    env_for(&mut cmd, o.epoch);
+    run_tool("mkfs.ext4", &mut cmd, &[0])
+}
+
+/// Step 2: the tree, written by chvkit into the empty filesystem while writeback of the image
+/// runs alongside (see [`with_writeback`]).
+fn populate_tree(
+    tree: &Path,
+    img: &Path,
+    o: &PackOpts,
+) -> Result<super::populate::PopulateStats, Ext4Error> {
+    let f = File::open(img).map_err(io_err(img))?;
+    let opts = super::populate::PopulateOpts {
+        epoch: o.epoch,
+        ..Default::default()
+    };
+    with_writeback(&f, || super::populate::populate(tree, img, &opts)).map_err(|e| match e {
+        // The image file's filesystem is full (the image itself had room: that is NoSpace
+        // already, with the counts).
+        Ext4Error::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            Ext4Error::NoSpace(format!("{}: {source}", path.display()))
+        }
+        e => e,
+    })
 }
 
 /// [`pack`], timing each step. `e2fsck -fyD` runs only when tune2fs asks for it or a directory
@@ -592,11 +640,31 @@ pub fn pack(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
 pub fn pack_report(tree: &Path, img: &Path, o: &PackOpts) -> Result<PackReport, Ext4Error> {
     let mut r = PackReport::default();
     let t = Instant::now();
-    mkfs_fast(tree, img, o)?;
+    mkfs_empty(img, o)?;
     r.mkfs = t.elapsed();
     let t = Instant::now();
-    r.inodes = scan_inodes(img, o.epoch)?;
-    r.scan = t.elapsed();
+    match populate_tree(tree, img, o) {
+        Ok(st) => {
+            r.populate = t.elapsed();
+            r.inodes = InodeScan {
+                in_use: st.inodes_used,
+                multiblock_dirs: st.multiblock_dirs,
+            };
+        }
+        // The writer checks the layout mkfs made before writing anything; an mke2fs that lays
+        // out differently than it understands gets the slower, general path instead.
+        Err(Ext4Error::Format(_, why)) => {
+            tracing::warn!("chvkit's ext4 writer refused the image ({why}); using mkfs.ext4 -d");
+            r.fallback = Some(why.to_string());
+            let t = Instant::now();
+            mkfs_fast(tree, img, o)?;
+            r.mkfs = t.elapsed();
+            let t = Instant::now();
+            r.inodes = scan_inodes(img, o.epoch)?;
+            r.scan = t.elapsed();
+        }
+        Err(e) => return Err(e),
+    }
     let t = Instant::now();
     enable_csum(img, o.epoch)?;
     r.tune2fs = t.elapsed();
@@ -609,7 +677,7 @@ pub fn pack_report(tree: &Path, img: &Path, o: &PackOpts) -> Result<PackReport, 
     if let Some(e) = o.epoch {
         normalize_superblock_times(img, e)?;
     }
-    // The tools fsync what they write; this covers chvkit's own passes (one fsync in all).
+    // The tools fsync what they write; this covers chvkit's own writes (one fsync in all).
     File::open(img)
         .and_then(|f| f.sync_all())
         .map_err(io_err(img))?;

@@ -2,7 +2,7 @@
 //! `/init`.
 //!
 //! Stages: build (buildah) or import, export to an OCI layout, `umoci unpack`, prepare the tree
-//! (/init, busybox, placeholders), pack (fast `mkfs.ext4 -d`, then metadata_csum), verify, and an
+//! (/init, busybox, placeholders), pack (empty `mkfs.ext4`, chvkit's writer, then metadata_csum), verify, and an
 //! atomic rename onto OUT. The output's temp file is created next to OUT first, so a read-only
 //! or full destination fails before any work, and OUT is never half-written. Scratch space lives
 //! in a temp dir removed on success, failure and Ctrl-C.
@@ -12,6 +12,7 @@ pub mod envdisk;
 pub mod ext4;
 pub mod init;
 pub mod oci;
+pub mod populate;
 pub mod proc;
 pub mod tree;
 
@@ -588,7 +589,7 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
     let tmp_img = out.tmp_path().to_path_buf();
     st.run(
         "pack",
-        &format!("mkfs.ext4 -d, {} MiB, {} inodes", size >> 20, inodes),
+        &format!("ext4, {} MiB, {} inodes", size >> 20, inodes),
         |_| {
             out.file()
                 .set_len(size)
