@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{FromArgMatches, Parser};
 
 use crate::{exit, paths::Root, profile::Profile, Context};
 
@@ -31,23 +31,121 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug)]
 pub enum Command {
-    /// Check the host against the profile (read-only) and say how to fix each finding.
     Doctor(crate::doctor::DoctorArgs),
-    /// Converge the host to the profile: artifacts, bridge, sysctls, NAT. Idempotent.
     Setup(crate::setup::SetupArgs),
-    /// Undo what setup did, and nothing else.
     Teardown(crate::setup::TeardownArgs),
-    /// Build a raw ext4 guest root filesystem from a Dockerfile or an OCI image.
     Rootfs(crate::rootfs::RootfsArgs),
-    /// Launch a microVM for one job and return its exit status.
     Launch(Box<crate::launch::LaunchArgs>),
-    /// Manage detached VMs (ls, info, pause, resume, snapshot, restore, stop, logs).
-    #[command(subcommand)]
     Vm(crate::launch::VmCommand),
-    /// Remove what dead jobs left behind (TAPs, sockets, run dirs).
     Gc(crate::launch::GcArgs),
+}
+
+/// Name and one-line help of each command.
+const COMMANDS: [(&str, &str); 7] = [
+    (
+        "doctor",
+        "Check the host against the profile (read-only) and say how to fix each finding",
+    ),
+    (
+        "setup",
+        "Converge the host to the profile: artifacts, bridge, sysctls, NAT. Idempotent",
+    ),
+    ("teardown", "Undo what setup did, and nothing else"),
+    (
+        "rootfs",
+        "Build a raw ext4 guest root filesystem from a Dockerfile or an OCI image",
+    ),
+    (
+        "launch",
+        "Launch a microVM for one job and return its exit status",
+    ),
+    (
+        "vm",
+        "Manage detached VMs (ls, info, pause, resume, snapshot, restore, stop, logs)",
+    ),
+    (
+        "gc",
+        "Remove what dead jobs left behind (TAPs, sockets, run dirs)",
+    ),
+];
+
+// By hand rather than derived so that each command's arguments are built only when that
+// command runs (`Command::defer`): building all of them costs a scripted `launch` about a
+// tenth of a millisecond of cold code and allocations before it can start the VMM. The
+// arguments themselves stay derived in each command's module.
+impl clap::Subcommand for Command {
+    fn augment_subcommands(cmd: clap::Command) -> clap::Command {
+        use clap::Args;
+        fn deferred(name: &'static str, f: fn(clap::Command) -> clap::Command) -> clap::Command {
+            let about = COMMANDS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, a)| *a)
+                .unwrap_or_default();
+            clap::Command::new(name).about(about).defer(f)
+        }
+        cmd.subcommand(deferred("doctor", crate::doctor::DoctorArgs::augment_args))
+            .subcommand(deferred("setup", crate::setup::SetupArgs::augment_args))
+            .subcommand(deferred(
+                "teardown",
+                crate::setup::TeardownArgs::augment_args,
+            ))
+            .subcommand(deferred("rootfs", crate::rootfs::RootfsArgs::augment_args))
+            .subcommand(deferred("launch", crate::launch::LaunchArgs::augment_args))
+            .subcommand(
+                deferred("vm", crate::launch::VmCommand::augment_subcommands)
+                    .subcommand_required(true)
+                    .arg_required_else_help(true),
+            )
+            .subcommand(deferred("gc", crate::launch::GcArgs::augment_args))
+    }
+
+    fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_subcommands(cmd)
+    }
+
+    fn has_subcommand(name: &str) -> bool {
+        COMMANDS.iter().any(|(n, _)| *n == name)
+    }
+}
+
+impl clap::FromArgMatches for Command {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut m.clone())
+    }
+
+    fn from_arg_matches_mut(m: &mut clap::ArgMatches) -> Result<Self, clap::Error> {
+        use clap::error::ErrorKind;
+        let Some((name, mut sub)) = m.remove_subcommand() else {
+            return Err(clap::Error::raw(
+                ErrorKind::MissingSubcommand,
+                "a command is required",
+            ));
+        };
+        let sub = &mut sub;
+        Ok(match name.as_str() {
+            "doctor" => Command::Doctor(FromArgMatches::from_arg_matches_mut(sub)?),
+            "setup" => Command::Setup(FromArgMatches::from_arg_matches_mut(sub)?),
+            "teardown" => Command::Teardown(FromArgMatches::from_arg_matches_mut(sub)?),
+            "rootfs" => Command::Rootfs(FromArgMatches::from_arg_matches_mut(sub)?),
+            "launch" => Command::Launch(Box::new(FromArgMatches::from_arg_matches_mut(sub)?)),
+            "vm" => Command::Vm(FromArgMatches::from_arg_matches_mut(sub)?),
+            "gc" => Command::Gc(FromArgMatches::from_arg_matches_mut(sub)?),
+            other => {
+                return Err(clap::Error::raw(
+                    ErrorKind::InvalidSubcommand,
+                    format!("unknown command `{other}`"),
+                ))
+            }
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
 }
 
 fn init_tracing(verbose: u8) {

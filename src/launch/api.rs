@@ -75,6 +75,37 @@ pub struct Ping {
     pub features: Vec<String>,
 }
 
+/// A `vm.create` sent by [`Client::start_create`] whose answer is still to be read.
+#[must_use = "the answer to vm.create must be read before the next call"]
+pub struct PendingCreate {
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl PendingCreate {
+    pub fn finish(self, c: &mut Client) -> Result<(), ApiError> {
+        c.receive("vm.create", self.deadline, self.timeout)
+            .map(|_| ())
+    }
+}
+
+fn io_error(action: &str, timeout: Duration, source: io::Error) -> ApiError {
+    if matches!(
+        source.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        ApiError::Timeout {
+            action: action.to_string(),
+            timeout,
+        }
+    } else {
+        ApiError::Io {
+            action: action.to_string(),
+            source,
+        }
+    }
+}
+
 /// A connection to one VMM's API socket.
 pub struct Client {
     path: PathBuf,
@@ -119,9 +150,53 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<(u16, Vec<u8>), ApiError> {
-        let r = self.exchange(method, action, body, timeout);
+        let deadline = Instant::now() + timeout;
+        self.send(method, action, body, timeout)?;
+        self.receive(action, deadline, timeout)
+    }
+
+    /// Write one request without waiting for its answer ([`Client::receive`] reads it).
+    fn send(
+        &mut self,
+        method: &str,
+        action: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let body = body.unwrap_or(&[]);
+        let mut req = format!(
+            "{method} /api/v1/{action} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !body.is_empty() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str("\r\n");
+        let mut msg = req.into_bytes();
+        msg.extend_from_slice(body);
+        let sent = self.connect().and_then(|stream| {
+            stream
+                .set_write_timeout(Some(timeout))
+                .and_then(|()| stream.write_all(&msg))
+                .map_err(|e| io_error(action, timeout, e))
+        });
+        if sent.is_err() {
+            // A broken exchange leaves the stream in an unknown place.
+            self.stream = None;
+        }
+        sent
+    }
+
+    /// Read the answer to the request sent last, and turn an error status into
+    /// [`ApiError::Vmm`] with the VMM's message chain.
+    fn receive(
+        &mut self,
+        action: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(u16, Vec<u8>), ApiError> {
+        let r = self.read_response(action, deadline, timeout);
         if r.is_err() {
-            // A timed-out or broken exchange leaves the stream in an unknown place.
             self.stream = None;
         }
         let (status, body) = r?;
@@ -143,46 +218,12 @@ impl Client {
         Ok((status, body))
     }
 
-    fn exchange(
+    fn read_response(
         &mut self,
-        method: &str,
         action: &str,
-        body: Option<&[u8]>,
+        deadline: Instant,
         timeout: Duration,
     ) -> Result<(u16, Vec<u8>), ApiError> {
-        let deadline = Instant::now() + timeout;
-        let act = action.to_string();
-        let io_err = |source: io::Error| {
-            if matches!(
-                source.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                ApiError::Timeout {
-                    action: act.clone(),
-                    timeout,
-                }
-            } else {
-                ApiError::Io {
-                    action: act.clone(),
-                    source,
-                }
-            }
-        };
-        let body = body.unwrap_or(&[]);
-        let mut req = format!(
-            "{method} /api/v1/{action} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        req.push_str("\r\n");
-        let mut msg = req.into_bytes();
-        msg.extend_from_slice(body);
-        let stream = self.connect()?;
-        stream.set_write_timeout(Some(timeout)).map_err(&io_err)?;
-        stream.write_all(&msg).map_err(&io_err)?;
-
         let mut buf = std::mem::take(&mut self.buf);
         let result = loop {
             // Parse what we have.
@@ -241,7 +282,7 @@ impl Client {
                 }
             };
             if let Err(e) = stream.set_read_timeout(Some(left)) {
-                break Err(io_err(e));
+                break Err(io_error(action, timeout, e));
             }
             let mut chunk = [0u8; 4096];
             match stream.read(&mut chunk) {
@@ -256,7 +297,7 @@ impl Client {
                 }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(io_err(e)),
+                Err(e) => break Err(io_error(action, timeout, e)),
             }
         };
         self.buf = buf;
@@ -304,6 +345,24 @@ impl Client {
         timeout: Duration,
     ) -> Result<(), ApiError> {
         self.put_json("vm.create", config, timeout).map(|_| ())
+    }
+
+    /// Send `vm.create` and return at once: the VMM (still starting, or applying Landlock
+    /// for the config) works on it while the caller does something else, e.g. create the TAP,
+    /// which only `vm.boot` needs. [`PendingCreate::finish`] collects the answer; no other
+    /// call may go out on this client before that.
+    pub fn start_create(
+        &mut self,
+        config: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<PendingCreate, ApiError> {
+        let bytes = serde_json::to_vec(config).map_err(|e| ApiError::Protocol {
+            action: "vm.create".into(),
+            detail: e.to_string(),
+        })?;
+        let deadline = Instant::now() + timeout;
+        self.send("PUT", "vm.create", Some(&bytes), timeout)?;
+        Ok(PendingCreate { deadline, timeout })
     }
 
     pub fn boot(&mut self) -> Result<(), ApiError> {

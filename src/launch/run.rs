@@ -881,6 +881,13 @@ enum Done {
     DetachedChildEnded(i32),
 }
 
+/// Wall-clock seconds with microseconds, for scripts that time a launch against their own clock.
+fn unix_seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_micros() as f64) / 1e6)
+        .unwrap_or(0.0)
+}
+
 /// Debug-level timing of the launch path (`-vv` shows where the milliseconds go).
 fn stage(t0: Instant, what: &str) {
     tracing::debug!(
@@ -953,6 +960,7 @@ fn prepare_and_run(
     };
     stage(t0, "supervisor forked");
     let started = Instant::now();
+    let mut booted_at = std::time::SystemTime::UNIX_EPOCH;
     let mut created = false;
     let booted = (|| -> Result<Client, Failure> {
         // The VMM starts (exec, API socket: a few ms) while the disk, env disk and TAP are
@@ -970,15 +978,20 @@ fn prepare_and_run(
         }
         job.write_env_disk(&spec.env)?;
         stage(t0, "env disk written");
-        job.create_tap()?;
-        stage(t0, "TAP created, attached, up");
         // No wait for the socket and no `vmm.ping` first: the socket listens since before the
         // VMM started, so vm.create goes out now and is answered as soon as the VMM is up (a
         // VMM that died instead shows up as a refused or reset connection, explained below).
+        // The TAP is only needed by vm.boot: it is created while the VMM finishes starting and
+        // works on the create (Landlock rules for the disks, which exist by now).
         let mut c = Client::new(&job.paths.socket);
         let cfg = vm_config(spec, &job.paths, &d, landlock);
         created = true;
-        if let Err(e) = c.create_within(&cfg, vmm::STARTUP_BUDGET) {
+        let pending = c
+            .start_create(&cfg, vmm::STARTUP_BUDGET)
+            .map_err(|e| job.api_failure(e))?;
+        job.create_tap()?;
+        stage(t0, "TAP created, attached, up");
+        if let Err(e) = pending.finish(&mut c) {
             if e.chain().is_some() {
                 // A failed create may still leave a stored config.
                 let _ = c.delete();
@@ -988,6 +1001,7 @@ fn prepare_and_run(
         stage(t0, "vm.create returned");
         // Never retried: a second boot after a failed one is unsafe (facts §2).
         c.boot().map_err(|e| job.api_failure(e))?;
+        booted_at = std::time::SystemTime::now();
         stage(t0, "vm.boot returned");
         job.mark_running()?;
         Ok(c)
@@ -1027,6 +1041,7 @@ fn prepare_and_run(
                     "tap": st.tap, "vmm_pid": st.vmm_pid, "supervisor_pid": st.supervisor_pid,
                     "run_dir": job.paths.dir, "api_socket": st.api_socket,
                     "serial_log": st.serial_log, "boot_ms": boot_ms,
+                    "booted_at": unix_seconds(booted_at),
                 }),
             },
         );
