@@ -1201,3 +1201,79 @@ fn cloud_hypervisor_launch_reflink_disk_on_xfs() {
     assert!(out.contains("left: 0"), "{out}");
     e.assert_clean("rl", None);
 }
+
+/// A launch starts its VMM before clap has parsed the command line (`launch::early`): when the
+/// real parse then fails, that VMM and its staging directory go, foreground and detached, and
+/// the user sees clap's own message and exit code. `gc` removes staging directories whose
+/// process is gone.
+#[test]
+fn cloud_hypervisor_launch_early_start_leaves_nothing_behind() {
+    let Some(e) = Env::new(
+        "cloud_hypervisor_launch_early_start_leaves_nothing_behind",
+        Which::Any,
+    ) else {
+        return;
+    };
+    for detach in [false, true] {
+        let mut args = e.launch_args("early", &["--no-such-flag"]);
+        if detach {
+            args.push("--detach".into());
+        }
+        let o = e.chvkit(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+        assert!(
+            stderr(&o).contains("unexpected argument '--no-such-flag'"),
+            "{}",
+            common::text(&o)
+        );
+        let left: Vec<_> = fs::read_dir(e.runtime())
+            .map(|r| r.flatten().map(|d| d.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "detach {detach}: left in the runtime dir: {left:?}"
+        );
+        let o = Command::new("ip")
+            .args(["netns", "pids", &e.ns.name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::text(&o));
+        let procs: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter_map(|p| fs::read_to_string(format!("/proc/{p}/cmdline")).ok())
+            .collect();
+        assert!(
+            procs.is_empty(),
+            "detach {detach}: still running in the namespace: {procs:?}"
+        );
+    }
+    // Bad values found after the early start (a job id clap accepts, chvkit refuses): a usage
+    // error, and nothing left either.
+    let o = e.launch("a b", &["--detach"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    let left: Vec<_> = fs::read_dir(e.runtime())
+        .map(|r| r.flatten().map(|d| d.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the runtime dir: {left:?}");
+
+    // A staging directory of a dead process, a minute old: gc takes it; a live one stays.
+    let dead = e.runtime().join(".vmm-999999-0badcafe");
+    let live = e
+        .runtime()
+        .join(format!(".vmm-{}-0badcafe", std::process::id()));
+    for d in [&dead, &live] {
+        fs::create_dir_all(d).unwrap();
+        fs::write(d.join("vmm.log"), b"").unwrap();
+        let o = Command::new("touch")
+            .args(["-d", "2 minutes ago"])
+            .arg(d)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    }
+    let o = e.chvkit(&["gc"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert!(!dead.exists(), "{}", common::text(&o));
+    assert!(live.exists(), "{}", common::text(&o));
+    fs::remove_dir_all(&live).unwrap();
+}

@@ -75,20 +75,6 @@ pub struct Ping {
     pub features: Vec<String>,
 }
 
-/// A `vm.create` sent by [`Client::start_create`] whose answer is still to be read.
-#[must_use = "the answer to vm.create must be read before the next call"]
-pub struct PendingCreate {
-    deadline: Instant,
-    timeout: Duration,
-}
-
-impl PendingCreate {
-    pub fn finish(self, c: &mut Client) -> Result<(), ApiError> {
-        c.receive("vm.create", self.deadline, self.timeout)
-            .map(|_| ())
-    }
-}
-
 fn io_error(action: &str, timeout: Duration, source: io::Error) -> ApiError {
     if matches!(
         source.kind(),
@@ -345,24 +331,6 @@ impl Client {
         timeout: Duration,
     ) -> Result<(), ApiError> {
         self.put_json("vm.create", config, timeout).map(|_| ())
-    }
-
-    /// Send `vm.create` and return at once: the VMM (still starting, or applying Landlock
-    /// for the config) works on it while the caller does something else, e.g. create the TAP,
-    /// which only `vm.boot` needs. [`PendingCreate::finish`] collects the answer; no other
-    /// call may go out on this client before that.
-    pub fn start_create(
-        &mut self,
-        config: &serde_json::Value,
-        timeout: Duration,
-    ) -> Result<PendingCreate, ApiError> {
-        let bytes = serde_json::to_vec(config).map_err(|e| ApiError::Protocol {
-            action: "vm.create".into(),
-            detail: e.to_string(),
-        })?;
-        let deadline = Instant::now() + timeout;
-        self.send("PUT", "vm.create", Some(&bytes), timeout)?;
-        Ok(PendingCreate { deadline, timeout })
     }
 
     pub fn boot(&mut self) -> Result<(), ApiError> {

@@ -67,6 +67,8 @@ impl Failure {
             reason: self.reason.into(),
             message: self.message.clone(),
             extra: serde_json::Value::Null,
+            job_id: String::new(),
+            json: false,
         }
     }
 }
@@ -151,10 +153,14 @@ fn copy_logs(paths: &JobPaths, dir: &Path) -> Result<(), String> {
 impl<'a> Job<'a> {
     /// Lock the job id, collect what a dead earlier job of the same id left, create the run dir
     /// and write the first state.
+    ///
+    /// With `staging` (a VMM started early, see `early`), that directory becomes the run dir:
+    /// it already holds the API socket and the VMM's logs.
     pub fn begin(
         ctx: &'a Context,
         plan: JobPlan,
         disk_dir: Option<&Path>,
+        staging: Option<&Path>,
     ) -> Result<Job<'a>, Failure> {
         let job_id = plan.identity.job_id.clone();
         let paths = JobPaths::new(ctx, &job_id, disk_dir);
@@ -164,8 +170,17 @@ impl<'a> Job<'a> {
         super::gc::collect_job(&paths, false).map_err(|e| {
             Failure::setup(format!("cleaning up after an earlier job {job_id}: {e}"))
         })?;
-        rundir::create_private_dir(&paths.dir)
-            .map_err(|e| Failure::setup(format!("run dir {}: {e}", paths.dir.display())))?;
+        match staging {
+            Some(st) => fs::rename(st, &paths.dir).map_err(|e| {
+                Failure::setup(format!(
+                    "run dir {} (from {}): {e}",
+                    paths.dir.display(),
+                    st.display()
+                ))
+            })?,
+            None => rundir::create_private_dir(&paths.dir)
+                .map_err(|e| Failure::setup(format!("run dir {}: {e}", paths.dir.display())))?,
+        }
         let mut cleanup = Cleanup::new();
         let keep_run_dir = Rc::new(Cell::new(false));
         {
@@ -193,8 +208,10 @@ impl<'a> Job<'a> {
                 _ => Ok(()),
             });
         }
-        // A stale socket makes the VMM exit with "Address already in use".
-        let _ = fs::remove_file(&paths.socket);
+        if staging.is_none() {
+            // A stale socket makes the VMM exit with "Address already in use".
+            let _ = fs::remove_file(&paths.socket);
+        }
         let id = &plan.identity;
         let state = JobState {
             schema: rundir::STATE_SCHEMA,
@@ -323,6 +340,12 @@ impl<'a> Job<'a> {
             &self.paths.vmm_log,
         )
         .map_err(|e| Failure::boot(e.to_string()))?;
+        self.adopt_vmm(v)
+    }
+
+    /// Take charge of a VMM started for this job (by [`Job::spawn_vmm`], or early).
+    pub fn adopt_vmm(&mut self, mut v: Vmm) -> Result<(), Failure> {
+        v.set_log(self.paths.vmm_log.clone());
         self.state.vmm_pid = Some(v.pid);
         self.state.vmm_start_ticks = v.start_ticks;
         self.state.phase = Phase::Booting;
@@ -543,6 +566,12 @@ pub struct Report {
     pub message: String,
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// For a launch: the job and whether `--json` was asked, so that the waiting process can
+    /// print the answer without having parsed the command line itself (see `early`).
+    #[serde(default)]
+    pub job_id: String,
+    #[serde(default)]
+    pub json: bool,
 }
 
 pub enum ForkSide {
@@ -781,8 +810,52 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
     Ok(crate::exit::USAGE)
 }
 
-/// `chvkit launch`.
-pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
+/// Print what the detached supervisor reported (as the launching process) and return the
+/// exit code.
+pub fn print_detached(r: &Report) -> i32 {
+    let job_id = &r.job_id;
+    if !r.ok {
+        let reason = if r.reason == "boot_failed" {
+            "boot_failed"
+        } else {
+            "setup_failed"
+        };
+        if r.json {
+            let j = serde_json::json!({
+                "job_id": job_id, "exit_code": r.code, "reason": reason, "detail": r.message,
+            });
+            say!("{j}");
+        }
+        eprintln!(
+            "chvkit: job {job_id}: {}: {}",
+            reason.replace('_', " "),
+            r.message
+        );
+        return r.code;
+    }
+    if r.json {
+        say!("{}", r.extra);
+    } else {
+        let e = &r.extra;
+        say!(
+            "{} running: ip {}, mac {}, tap {}, vmm pid {} (vm.boot returned {} ms after start)",
+            job_id,
+            e["ip"].as_str().unwrap_or(""),
+            e["mac"].as_str().unwrap_or(""),
+            e["tap"].as_str().unwrap_or(""),
+            e["vmm_pid"],
+            e["boot_ms"]
+        );
+    }
+    crate::exit::OK
+}
+
+/// `chvkit launch`. `early`: the VMM already started for it (see `early`).
+pub fn launch(
+    ctx: &Context,
+    a: LaunchArgs,
+    early: Option<Box<super::early::EarlyVmm>>,
+) -> anyhow::Result<i32> {
     let job_id = a.job_id.clone().unwrap_or_else(identity::generate_job_id);
     if let Err(e) = identity::validate_job_id(&job_id) {
         return usage(e);
@@ -808,38 +881,10 @@ pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
         f.code
     };
     let t0 = Instant::now();
-    let done = prepare_and_run(ctx, &a, &mut spec, &sigs);
+    let done = prepare_and_run(ctx, &a, &mut spec, &sigs, early);
     stage(t0, "launch finished");
     match done {
-        Ok(Done::Detached(report)) => {
-            if !report.ok {
-                let f = Failure {
-                    code: report.code,
-                    reason: if report.reason == "boot_failed" {
-                        "boot_failed"
-                    } else {
-                        "setup_failed"
-                    },
-                    message: report.message,
-                };
-                return Ok(print_failure(&f));
-            }
-            if json {
-                say!("{}", report.extra);
-            } else {
-                let e = &report.extra;
-                say!(
-                    "{} running: ip {}, mac {}, tap {}, vmm pid {} (vm.boot returned {} ms after start)",
-                    job_id,
-                    e["ip"].as_str().unwrap_or(""),
-                    e["mac"].as_str().unwrap_or(""),
-                    e["tap"].as_str().unwrap_or(""),
-                    e["vmm_pid"],
-                    e["boot_ms"]
-                );
-            }
-            Ok(crate::exit::OK)
-        }
+        Ok(Done::Detached(report)) => Ok(print_detached(&report)),
         Ok(Done::DetachedChildEnded(code)) => Ok(code),
         Ok(Done::Finished(out, kept)) => {
             let id = &spec.identity;
@@ -901,6 +946,38 @@ fn prepare_and_run(
     a: &LaunchArgs,
     spec: &mut LaunchSpec,
     sigs: &Signals,
+    mut early: Option<Box<super::early::EarlyVmm>>,
+) -> Result<Done, Failure> {
+    // An early supervisor has nobody to return an error to but the waiting process: every
+    // failure from here on goes through its report.
+    let job_id = spec.identity.job_id.clone();
+    let stamp = |mut r: Report| {
+        r.job_id = job_id.clone();
+        r.json = a.json;
+        r
+    };
+    let mut early_report = early.as_mut().and_then(|e| e.take_report());
+    let forked = early_report.is_some();
+    match prepare_and_run_inner(ctx, a, spec, sigs, early, &mut early_report, &stamp) {
+        // Failed before the job took the report line over.
+        Err(f) if forked => {
+            if let Some(mut w) = early_report {
+                send_report(&mut w, &stamp(f.report()));
+            }
+            Ok(Done::DetachedChildEnded(f.code))
+        }
+        done => done,
+    }
+}
+
+fn prepare_and_run_inner(
+    ctx: &Context,
+    a: &LaunchArgs,
+    spec: &mut LaunchSpec,
+    sigs: &Signals,
+    mut early: Option<Box<super::early::EarlyVmm>>,
+    early_report: &mut Option<fs::File>,
+    stamp: &dyn Fn(Report) -> Report,
 ) -> Result<Done, Failure> {
     let t0 = Instant::now();
     let vmm_bin = vmm::find_binary(ctx).map_err(Failure::setup)?;
@@ -931,7 +1008,12 @@ fn prepare_and_run(
             .map_err(|e| Failure::setup(e.to_string()))?,
         restored_from: None,
     };
-    let mut job = Job::begin(ctx, plan, a.disk_dir.as_deref())?;
+    let mut job = Job::begin(
+        ctx,
+        plan,
+        a.disk_dir.as_deref(),
+        early.as_ref().map(|e| e.staging()),
+    )?;
     stage(t0, "locked, run dir and state written");
     if landlock {
         let mut dirs = vec![job.paths.snapshots.clone()];
@@ -944,7 +1026,13 @@ fn prepare_and_run(
         job.state.landlock_write_dirs = dirs;
     }
     let mut reporter = None;
-    let mut job = if a.detach {
+    let mut job = if let Some(r) = early_report.take() {
+        // Forked before the command line was parsed: from now on the caller hears from us
+        // through the report only (the last copy of it closes after the report is sent).
+        super::early::redirect_stdio(&job.paths.dir.join("supervisor.log"));
+        reporter = Some(r);
+        job
+    } else if a.detach {
         match fork_supervisor(job)? {
             (ForkSide::Parent(report), _) => return Ok(Done::Detached(report)),
             (ForkSide::Child(w), Some(j)) => {
@@ -965,7 +1053,10 @@ fn prepare_and_run(
     let booted = (|| -> Result<Client, Failure> {
         // The VMM starts (exec, API socket: a few ms) while the disk, env disk and TAP are
         // prepared; it needs none of them before vm.create/vm.boot.
-        job.spawn_vmm()?;
+        match early.as_mut().and_then(|e| e.take_vmm()) {
+            Some(v) => job.adopt_vmm(v)?,
+            None => job.spawn_vmm()?,
+        }
         stage(t0, "VMM spawned");
         let d = job.prepare_disk(&spec.rootfs)?;
         stage(t0, "per-job disk ready");
@@ -978,20 +1069,19 @@ fn prepare_and_run(
         }
         job.write_env_disk(&spec.env)?;
         stage(t0, "env disk written");
+        // The TAP must exist before vm.create: the VMM applies Landlock when it takes the
+        // config, and one of the rules is the TAP's own sysfs directory (see
+        // `landlock_base_rules`); made any earlier, the read of its tun_flags at boot is
+        // refused (EACCES: seen in the tests when vm.create was sent first).
+        job.create_tap()?;
+        stage(t0, "TAP created, attached, up");
         // No wait for the socket and no `vmm.ping` first: the socket listens since before the
         // VMM started, so vm.create goes out now and is answered as soon as the VMM is up (a
         // VMM that died instead shows up as a refused or reset connection, explained below).
-        // The TAP is only needed by vm.boot: it is created while the VMM finishes starting and
-        // works on the create (Landlock rules for the disks, which exist by now).
         let mut c = Client::new(&job.paths.socket);
         let cfg = vm_config(spec, &job.paths, &d, landlock);
         created = true;
-        let pending = c
-            .start_create(&cfg, vmm::STARTUP_BUDGET)
-            .map_err(|e| job.api_failure(e))?;
-        job.create_tap()?;
-        stage(t0, "TAP created, attached, up");
-        if let Err(e) = pending.finish(&mut c) {
+        if let Err(e) = c.create_within(&cfg, vmm::STARTUP_BUDGET) {
             if e.chain().is_some() {
                 // A failed create may still leave a stored config.
                 let _ = c.delete();
@@ -1019,7 +1109,7 @@ fn prepare_and_run(
             }
             job.finish(Some(f.exit_info()), false);
             if let Some(mut w) = reporter {
-                send_report(&mut w, &f.report());
+                send_report(&mut w, &stamp(f.report()));
                 return Ok(Done::DetachedChildEnded(f.code));
             }
             return Err(f);
@@ -1031,7 +1121,7 @@ fn prepare_and_run(
         let st = &job.state;
         send_report(
             w,
-            &Report {
+            &stamp(Report {
                 ok: true,
                 code: 0,
                 reason: "running".into(),
@@ -1043,7 +1133,9 @@ fn prepare_and_run(
                     "serial_log": st.serial_log, "boot_ms": boot_ms,
                     "booted_at": unix_seconds(booted_at),
                 }),
-            },
+                job_id: String::new(),
+                json: false,
+            }),
         );
     }
     drop(reporter);

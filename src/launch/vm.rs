@@ -732,7 +732,7 @@ fn restore_inner(
         log_dir: None,
         restored_from: Some(dir.to_path_buf()),
     };
-    let mut job = Job::begin(ctx, plan, None)?;
+    let mut job = Job::begin(ctx, plan, None, None)?;
 
     // A fresh copy of the snapshot's disk: the snapshot stays restorable any number of times.
     let (src_disk, note) = match (&meta.disk_file, &meta.live_disk) {
@@ -878,6 +878,8 @@ fn restore_inner(
                 "supervisor_pid": st.supervisor_pid, "restore_ms": restore_ms,
                 "total_ms": started.elapsed().as_millis() as u64, "run_dir": job.paths.dir,
             }),
+            job_id: String::new(),
+            json: false,
         },
     );
     drop(w);

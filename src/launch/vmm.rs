@@ -84,12 +84,12 @@ pub struct Vmm {
 /// The command line we run, without the binary: the API socket (a listening socket chvkit
 /// bound, passed as descriptor `socket_fd`) and the event monitor are command-line only.
 /// Seccomp stays at its default (on).
-pub fn vmm_args(socket_fd: RawFd, events: &Path) -> Vec<String> {
+pub fn vmm_args(socket_fd: RawFd, events_fd: RawFd) -> Vec<String> {
     vec![
         "--api-socket".into(),
         format!("fd={socket_fd}"),
         "--event-monitor".into(),
-        format!("path={}", events.display()),
+        format!("fd={events_fd}"),
     ]
 }
 
@@ -112,13 +112,16 @@ impl Vmm {
         fs::set_permissions(socket, fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
         let lfd = listener.as_raw_fd();
         let out = open_append(log)?;
+        // Opened here and handed over as a descriptor: the run dir may be renamed into place
+        // while the VMM starts (see `early`), and a path would then name nothing.
+        let ev = open_truncate(events)?;
         let null = File::open("/dev/null")?;
-        let args = vmm_args(lfd, events);
+        let args = vmm_args(lfd, ev.as_raw_fd());
         let pid = spawn_child(
             bin,
             &args,
             [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
-            lfd,
+            [lfd, ev.as_raw_fd()],
         )
         .map_err(|source| VmmError::Spawn {
             bin: bin.to_path_buf(),
@@ -146,6 +149,11 @@ impl Vmm {
             log: log.to_path_buf(),
             status: None,
         })
+    }
+
+    /// Where the VMM's output is now (its staging directory was renamed into the run dir).
+    pub fn set_log(&mut self, log: PathBuf) {
+        self.log = log;
     }
 
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -309,8 +317,8 @@ struct ChildSpec {
     envp: *const *const libc::c_char,
     /// stdin, stdout, stderr to install.
     stdio: [RawFd; 3],
-    /// The listening API socket, to keep across exec.
-    keep: RawFd,
+    /// The listening API socket and the event log, to keep across exec.
+    keep: [RawFd; 2],
     parent: libc::pid_t,
     /// errno of the failed step (written by the child, read by the parent after the clone).
     errno: libc::c_int,
@@ -367,9 +375,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(c);
             }
         }
-        // The listening socket is close-on-exec everywhere but in the VMM.
-        if libc::fcntl(c.keep, libc::F_SETFD, 0) != 0 {
-            fail(c);
+        // The listening socket and the event log are close-on-exec everywhere but in the VMM.
+        for fd in c.keep {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                fail(c);
+            }
         }
         libc::execve(c.path, c.argv, c.envp);
         fail(c)
@@ -381,7 +391,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// microseconds on a nested-virtualization host) — but with what posix_spawn cannot do:
 /// PR_SET_PDEATHSIG. Returns once the child has exec'd; an exec failure is returned as its
 /// errno.
-fn spawn_child(bin: &Path, args: &[String], stdio: [RawFd; 3], keep: RawFd) -> io::Result<i32> {
+fn spawn_child(
+    bin: &Path,
+    args: &[String],
+    stdio: [RawFd; 3],
+    keep: [RawFd; 2],
+) -> io::Result<i32> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let cstr =
@@ -463,6 +478,16 @@ pub fn describe_status(st: ExitStatus) -> String {
 }
 
 /// Open a file for appending, creating it (0600).
+fn open_truncate(p: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+}
+
 pub fn open_append(p: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
@@ -503,21 +528,23 @@ mod tests {
         let out = File::create(d.path().join("out")).unwrap();
         let null = File::open("/dev/null").unwrap();
         let keep = UnixListener::bind(d.path().join("s")).unwrap();
+        let ev = open_truncate(&d.path().join("ev")).unwrap();
         // Blocked here, as in chvkit: the child must start with an empty mask.
         let mut set = nix::sys::signal::SigSet::empty();
         set.add(Signal::SIGTERM);
         set.thread_block().unwrap();
         let script = format!(
             "grep -E '^(SigBlk|SigIgn):' /proc/self/status; \
-             test -e /proc/self/fd/{} && echo kept; \
+             test -e /proc/self/fd/{} && test -e /proc/self/fd/{} && echo kept; \
              cut -d' ' -f5 /proc/self/stat; echo $$; exit 7",
-            keep.as_raw_fd()
+            keep.as_raw_fd(),
+            ev.as_raw_fd()
         );
         let pid = spawn_child(
             Path::new("/bin/sh"),
             &["-c".into(), script],
             [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
-            keep.as_raw_fd(),
+            [keep.as_raw_fd(), ev.as_raw_fd()],
         )
         .unwrap();
         set.thread_unblock().unwrap();
@@ -540,7 +567,7 @@ mod tests {
             Path::new("/nonexistent/cloud-hypervisor"),
             &[],
             [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
-            keep.as_raw_fd(),
+            [keep.as_raw_fd(), ev.as_raw_fd()],
         )
         .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
