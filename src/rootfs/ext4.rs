@@ -195,11 +195,16 @@ fn env_for(cmd: &mut Command, epoch: Option<i64>) {
     }
 }
 
-/// The fallback for step 1-2: `mkfs.ext4 -d` without metadata_csum.
+/// The fallback for steps 1-2: `mkfs.ext4 -d` without metadata_csum.
 pub fn mkfs_fast(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
-    // A fresh all-zero sparse file of the full size (emptied first even if the caller created
-    // it). On a regular file mke2fs "discards" by punching holes, knows that reads back zeros,
-    // and so skips zeroing the inode tables; the journal is left lazy for the same reason.
+    run_mkfs(Some(tree), img, o)
+}
+
+/// `mkfs.ext4` into a fresh all-zero sparse file of the full size (emptied first even if the
+/// caller created it). On a regular file mke2fs "discards" by punching holes, knows that reads
+/// back zeros, and so skips zeroing the inode tables; the journal is left lazy for the same
+/// reason. With `tree` (`-d`), writeback of the image runs alongside.
+fn run_mkfs(tree: Option<&Path>, img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -208,9 +213,15 @@ pub fn mkfs_fast(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error>
         .map_err(io_err(img))?;
     f.set_len(o.size_bytes).map_err(io_err(img))?;
     let mut cmd = mkfs_command(o);
-    cmd.arg("-d").arg(tree).arg(img);
+    if let Some(t) = tree {
+        cmd.arg("-d").arg(t);
+    }
+    cmd.arg(img);
     env_for(&mut cmd, o.epoch);
-    with_writeback(&f, || run_tool("mkfs.ext4", &mut cmd, &[0]))
+    match tree {
+        Some(_) => with_writeback(&f, || run_tool("mkfs.ext4", &mut cmd, &[0])),
+        None => run_tool("mkfs.ext4", &mut cmd, &[0]),
+    }
 }
 
 /// `mkfs.ext4` with the image's geometry and features; the caller adds `-d` and the image.
@@ -599,17 +610,7 @@ pub fn pack(tree: &Path, img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
 
 /// Step 1 of the fast path: the empty filesystem, with the same options as [`mkfs_fast`].
 pub fn mkfs_empty(img: &Path, o: &PackOpts) -> Result<(), Ext4Error> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(img)
-        .map_err(io_err(img))?;
-    f.set_len(o.size_bytes).map_err(io_err(img))?;
-    let mut cmd = mkfs_command(o);
-    cmd.arg(img);
-    env_for(&mut cmd, o.epoch);
-    run_tool("mkfs.ext4", &mut cmd, &[0])
+    run_mkfs(None, img, o)
 }
 
 /// Step 2: the tree, written by chvkit into the empty filesystem while writeback of the image
