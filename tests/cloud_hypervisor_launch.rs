@@ -1256,6 +1256,30 @@ fn cloud_hypervisor_launch_early_start_leaves_nothing_behind() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the runtime dir: {left:?}");
 
+    // With the early start turned off (CHVKIT_EARLY_VMM=0) the supervisor is forked after the
+    // run dir exists and spawns the VMM itself: the same answer, and nothing left after stop.
+    for early in ["0", "1"] {
+        let job = format!("late{early}");
+        let a = e.launch_args(&job, &["--detach", "--json"]);
+        let o = e
+            .cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .env("CHVKIT_EARLY_VMM", early)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::text(&o));
+        let j = json_of(&o);
+        assert_eq!(j["job_id"], job.as_str());
+        assert_eq!(j["tap"], identity(&job).tap);
+        assert!(j["booted_at"].as_f64().is_some_and(|t| t > 1e9), "{j}");
+        let pid = j["vmm_pid"].as_i64().unwrap();
+        assert!(alive(pid));
+        let st = e.state(&job).unwrap();
+        assert_eq!(st["phase"], "running");
+        let o = e.chvkit(&["vm", "stop", &job]);
+        assert!(o.status.success(), "{}", common::text(&o));
+        e.assert_clean(&job, Some(pid));
+    }
+
     // A staging directory of a dead process, a minute old: gc takes it; a live one stays.
     let dead = e.runtime().join(".vmm-999999-0badcafe");
     let live = e

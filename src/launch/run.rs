@@ -815,10 +815,10 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
 pub fn print_detached(r: &Report) -> i32 {
     let job_id = &r.job_id;
     if !r.ok {
-        let reason = if r.reason == "boot_failed" {
-            "boot_failed"
-        } else {
+        let reason = if r.reason.is_empty() {
             "setup_failed"
+        } else {
+            r.reason.as_str()
         };
         if r.json {
             let j = serde_json::json!({
