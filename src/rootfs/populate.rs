@@ -2405,4 +2405,69 @@ mod tests {
             (0, (70_000 & 0xFF) | (300 << 8) | ((70_000 & !0xFF) << 12))
         );
     }
+
+    /// A file above 4 GiB (sparse in the tree, so the image stays small): its size needs
+    /// `i_size_high`, its last block a logical number above 2^20, and the data at both ends
+    /// must come back from where the extents say.
+    #[test]
+    fn files_above_4_gib_keep_size_and_far_blocks() {
+        if !tools("files_above_4_gib_keep_size_and_far_blocks") {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("tree");
+        std::fs::create_dir_all(&t).unwrap();
+        let size: u64 = (5 << 30) + 12345;
+        let (head, tail) = (noise(10_000, 7), noise(8_000, 9));
+        {
+            let f = File::create(t.join("big")).unwrap();
+            f.set_len(size).unwrap();
+            f.write_all_at(&head, 0).unwrap();
+            f.write_all_at(&tail, size - tail.len() as u64).unwrap();
+        }
+        let img = d.path().join("img");
+        mkfs_empty(&img, 64 << 20, 1024, None);
+        let st = populate(&t, &img, &PopulateOpts::default()).unwrap();
+        assert_eq!(st.files, 1);
+        fsck_clean(&img, "after populate");
+        let stat = debugfs(&img, "stat /big");
+        assert!(stat.contains(&format!("Size: {size}")), "{stat}");
+        let features = debugfs(&img, "features");
+        assert!(features.contains("large_file"), "{features}");
+        // Read back both ends through the block map debugfs reports.
+        let image = File::open(&img).unwrap();
+        let read_at = |logical: u64, off: usize, len: usize| -> Vec<u8> {
+            let out = debugfs(&img, &format!("bmap /big {logical}"));
+            // stdout (the number) comes before debugfs's banner on stderr.
+            let phys: u64 = out
+                .split_whitespace()
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("bmap {logical}: {out}"));
+            assert!(phys > 0, "block {logical} is not mapped: {out}");
+            let mut b = vec![0u8; len];
+            image
+                .read_exact_at(&mut b, phys * BS64 + off as u64)
+                .unwrap();
+            b
+        };
+        assert_eq!(read_at(0, 0, 4096), head[..4096]);
+        assert_eq!(read_at(2, 0, 10_000 - 8192), head[8192..]);
+        let tail_start = size - tail.len() as u64;
+        let last = (size - 1) / BS64;
+        let first_tail = tail_start / BS64;
+        assert!(last > 1 << 20);
+        let in_first = (BS64 - tail_start % BS64) as usize;
+        assert_eq!(
+            read_at(first_tail, (tail_start % BS64) as usize, in_first),
+            tail[..in_first]
+        );
+        let in_last = ((size - 1) % BS64 + 1) as usize;
+        assert_eq!(read_at(last, 0, in_last), tail[tail.len() - in_last..]);
+        let (code, out) = run(Command::new("tune2fs")
+            .args(["-O", "metadata_csum"])
+            .arg(&img));
+        assert_eq!(code, 0, "{out}");
+        fsck_clean(&img, "after tune2fs");
+    }
 }
