@@ -35,7 +35,7 @@ struct Layout {
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const OVERHEAD_RUNS: usize = 41;
+const OVERHEAD_RUNS: usize = 101;
 const DISK_RUNS: usize = 21;
 const PARALLEL: usize = 32;
 
@@ -385,7 +385,7 @@ fn overhead(
     let ms_ = median(&mut bare_same);
     println!("   bare VMM, same VM config as chvkit's (qcow2 overlay + env disk, rng, pvpanic, landlock {}): median {ms_:.1} ms (min {:.1}, max {:.1})", same.landlock, bare_same[0], bare_same[bare_same.len() - 1]);
     println!(
-        "   ratio of medians chvkit/bare, same config: {:.2} (goal <= 1.15); difference {:.1} ms",
+        "   ratio of medians chvkit/bare, same config: {:.3} (goal <= 1.15); difference {:.1} ms",
         mo / ms_,
         mo - ms_
     );
