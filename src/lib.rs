@@ -14,6 +14,8 @@ pub mod paths;
 pub mod profile;
 pub mod rootfs;
 pub mod setup;
+#[cfg(test)]
+mod testutil;
 
 /// What every command gets: the loaded profile and the `--root` prefix.
 #[derive(Debug, Clone)]

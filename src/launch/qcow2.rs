@@ -638,18 +638,10 @@ mod tests {
     #[test]
     fn qemu_img_check_is_clean() {
         let Some(qemu_img) = which("qemu-img") else {
-            // Visible like the integration tests' skips (and counted by `make test`).
-            let line = "skipped: qcow2::qemu_img_check_is_clean: `qemu-img` is not installed (qemu-utils)\n";
-            eprint!("{line}");
-            if let Ok(p) = std::env::var("CHVKIT_SKIP_LOG") {
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                {
-                    let _ = f.write_all(line.as_bytes());
-                }
-            }
+            crate::testutil::skip(
+                "qcow2::qemu_img_check_is_clean",
+                "`qemu-img` is not installed (qemu-utils)",
+            );
             return;
         };
         let d = tempfile::tempdir().unwrap();

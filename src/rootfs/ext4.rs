@@ -719,7 +719,7 @@ mod tests {
     /// A tree (with one directory too big for a block if `big`), packed by the fast path.
     fn packed(epoch: Option<i64>, big: bool) -> Option<(tempfile::TempDir, PathBuf, PackReport)> {
         if crate::rootfs::proc::which("mkfs.ext4").is_none() {
-            println!("skipped: ext4 pack test: mkfs.ext4 not installed");
+            crate::testutil::skip("ext4 pack test", "mkfs.ext4 not installed");
             return None;
         }
         let d = tempfile::tempdir().unwrap();

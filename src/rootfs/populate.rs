@@ -1741,7 +1741,7 @@ mod tests {
     fn tools(test: &str) -> bool {
         for t in ["mkfs.ext4", "e2fsck", "debugfs", "tune2fs"] {
             if crate::rootfs::proc::which(t).is_none() {
-                println!("skipped: {test}: {t} not installed");
+                crate::testutil::skip(test, &format!("{t} not installed"));
                 return false;
             }
         }
@@ -1942,8 +1942,9 @@ mod tests {
             std::fs::write(t.join("capped"), b"cap").unwrap();
             setxattr(&t.join("capped"), "security.capability", &cap);
         } else {
-            println!(
-                "skipped: populate rich tree: owners, device nodes and capabilities need root"
+            crate::testutil::skip(
+                "populate rich tree",
+                "owners, device nodes and capabilities need root",
             );
         }
         Rich {
