@@ -21,12 +21,11 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::run::Report;
+use super::run::{fork_with_line, Forked, Report};
 use super::rundir;
 use super::vmm::Vmm;
 use crate::paths::Root;
@@ -153,14 +152,17 @@ pub fn start() -> Start {
         report: None,
     };
     if early.sniffed.detach {
-        match fork_supervisor() {
-            Some(Forked::Parent(w)) => {
+        // SAFETY: nothing has started a thread yet (this runs first thing in main).
+        match unsafe { fork_with_line() } {
+            Ok(Forked::Parent { line, child }) => {
                 // The supervisor owns the staging directory now.
                 std::mem::forget(early);
-                return Start::Waiter(w);
+                return Start::Waiter(Waiter { sock: line, child });
             }
-            Some(Forked::Child(report)) => early.report = Some(report),
-            None => return Start::No,
+            // Its stdio stays the caller's until the run dir exists (errors before that are
+            // the user's to see); then it moves to supervisor.log.
+            Ok(Forked::Child(report)) => early.report = Some(report),
+            Err(_) => return Start::No,
         }
     }
     let sock = early.staging.join("api.sock");
@@ -183,33 +185,6 @@ pub fn start() -> Start {
         }
     }
     Start::Launch(Box::new(early))
-}
-
-enum Forked {
-    Parent(Waiter),
-    Child(File),
-}
-
-fn fork_supervisor() -> Option<Forked> {
-    let (ours, theirs) = UnixStream::pair().ok()?;
-    // SAFETY: nothing has started a thread yet (this runs first thing in main).
-    match unsafe { nix::unistd::fork() } {
-        Err(_) => None,
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            drop(theirs);
-            Some(Forked::Parent(Waiter { sock: ours, child }))
-        }
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(ours);
-            // Its own session: the terminal's Ctrl-C and hang-up reach the launching process
-            // only. Its stdio stays the caller's until the run dir exists (errors before that
-            // are the user's to see); then it moves to supervisor.log.
-            let _ = nix::unistd::setsid();
-            Some(Forked::Child(File::from(std::os::fd::OwnedFd::from(
-                theirs,
-            ))))
-        }
-    }
 }
 
 impl Waiter {
@@ -294,18 +269,6 @@ impl Drop for EarlyVmm {
         if self.staging.exists() {
             let _ = fs::remove_dir_all(&self.staging);
         }
-    }
-}
-
-/// Redirect stdin from /dev/null and stdout/stderr to `log` (a detached supervisor's own
-/// output, once the caller has its answer).
-pub fn redirect_stdio(log: &Path) {
-    if let Ok(null) = File::open("/dev/null") {
-        let _ = nix::unistd::dup2_stdin(null.as_fd());
-    }
-    if let Ok(f) = super::vmm::open_append(log) {
-        let _ = nix::unistd::dup2_stdout(f.as_fd());
-        let _ = nix::unistd::dup2_stderr(f.as_fd());
     }
 }
 

@@ -574,6 +574,16 @@ pub struct Report {
     pub json: bool,
 }
 
+impl Report {
+    /// Name the launch's job and output form, so that the waiting process can print the
+    /// answer without having parsed the command line itself.
+    pub fn for_launch(mut self, job_id: &str, json: bool) -> Report {
+        self.job_id = job_id.to_string();
+        self.json = json;
+        self
+    }
+}
+
 pub enum ForkSide {
     Parent(Report),
     /// The write end of the report pipe.
@@ -599,18 +609,14 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             "internal: cannot detach from a multi-threaded process",
         ));
     }
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| Failure::setup(format!("socketpair: {e}")))?;
     let sup_log = job.paths.dir.join("supervisor.log");
     // SAFETY: the process is single-threaded (checked above), so the child may run any code.
-    match unsafe { nix::unistd::fork() } {
+    match unsafe { fork_with_line() } {
         Err(e) => Err(Failure::setup(format!("fork: {e}"))),
-        Ok(nix::unistd::ForkResult::Parent { .. }) => {
-            drop(theirs);
+        Ok(Forked::Parent { mut line, .. }) => {
             job.hand_over();
-            let mut sock = ours;
             let mut text = String::new();
-            let _ = sock.read_to_string(&mut text);
+            let _ = line.read_to_string(&mut text);
             let report = serde_json::from_str::<Report>(text.trim()).unwrap_or_else(|_| {
                 Failure::setup(format!(
                     "the detached supervisor ended without reporting (see {})",
@@ -620,22 +626,57 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             });
             Ok((ForkSide::Parent(report), None))
         }
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(ours);
-            let _ = nix::unistd::setsid();
-            if let Ok(null) = fs::File::open("/dev/null") {
-                let _ = nix::unistd::dup2_stdin(null.as_fd());
-            }
-            if let Ok(f) = vmm::open_append(&sup_log) {
-                let _ = nix::unistd::dup2_stdout(f.as_fd());
-                let _ = nix::unistd::dup2_stderr(f.as_fd());
-            }
+        Ok(Forked::Child(w)) => {
+            redirect_stdio(&sup_log);
             let mut job = job;
             // Written with the VMM's pid right after the spawn: nothing in between to record.
             job.state.supervisor_pid = std::process::id() as i32;
-            let w = fs::File::from(std::os::fd::OwnedFd::from(theirs));
             Ok((ForkSide::Child(w), Some(job)))
         }
+    }
+}
+
+/// Either side of [`fork_with_line`].
+pub enum Forked {
+    /// The launching process: its end of the line, and the supervisor's pid.
+    Parent {
+        line: std::os::unix::net::UnixStream,
+        child: nix::unistd::Pid,
+    },
+    /// The supervisor, in a session of its own: its end of the line.
+    Child(fs::File),
+}
+
+/// Fork a detached supervisor with a line back to the launching process (a socketpair; it
+/// reaches EOF when the supervisor's end closes). The child gets its own session, so the
+/// terminal's Ctrl-C and hang-up reach the launching process only.
+///
+/// # Safety
+/// The process must be single-threaded.
+pub unsafe fn fork_with_line() -> io::Result<Forked> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    // SAFETY: the caller guarantees a single-threaded process.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent { line: ours, child }),
+        nix::unistd::ForkResult::Child => {
+            drop(ours);
+            let _ = nix::unistd::setsid();
+            Ok(Forked::Child(fs::File::from(std::os::fd::OwnedFd::from(
+                theirs,
+            ))))
+        }
+    }
+}
+
+/// Stdin from /dev/null, stdout and stderr to `log`: a detached supervisor's own output, once
+/// the caller no longer reads it.
+pub fn redirect_stdio(log: &Path) {
+    if let Ok(null) = fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(null.as_fd());
+    }
+    if let Ok(f) = vmm::open_append(log) {
+        let _ = nix::unistd::dup2_stdout(f.as_fd());
+        let _ = nix::unistd::dup2_stderr(f.as_fd());
     }
 }
 
@@ -854,7 +895,7 @@ pub fn print_detached(r: &Report) -> i32 {
 pub fn launch(
     ctx: &Context,
     a: LaunchArgs,
-    early: Option<Box<super::early::EarlyVmm>>,
+    mut early: Option<Box<super::early::EarlyVmm>>,
 ) -> anyhow::Result<i32> {
     let job_id = a.job_id.clone().unwrap_or_else(identity::generate_job_id);
     if let Err(e) = identity::validate_job_id(&job_id) {
@@ -880,11 +921,19 @@ pub fn launch(
         );
         f.code
     };
+    // A supervisor forked before the arguments were parsed answers through its line only.
+    let mut early_report = early.as_mut().and_then(|e| e.take_report());
     let t0 = Instant::now();
-    let done = prepare_and_run(ctx, &a, &mut spec, &sigs, early);
+    let done = prepare_and_run(ctx, &a, &mut spec, &sigs, early, &mut early_report);
     stage(t0, "launch finished");
     match done {
-        Ok(Done::Detached(report)) => Ok(print_detached(&report)),
+        Err(f) if early_report.is_some() => {
+            if let Some(mut w) = early_report {
+                send_report(&mut w, &f.report().for_launch(&job_id, json));
+            }
+            Ok(f.code)
+        }
+        Ok(Done::Detached(report)) => Ok(print_detached(&report.for_launch(&job_id, json))),
         Ok(Done::DetachedChildEnded(code)) => Ok(code),
         Ok(Done::Finished(out, kept)) => {
             let id = &spec.identity;
@@ -941,43 +990,15 @@ fn stage(t0: Instant, what: &str) {
     );
 }
 
+/// `early_report`: the line of a supervisor forked before the arguments were parsed (see
+/// `early`); taken over once the job exists, left to the caller for failures before that.
 fn prepare_and_run(
     ctx: &Context,
     a: &LaunchArgs,
     spec: &mut LaunchSpec,
     sigs: &Signals,
     mut early: Option<Box<super::early::EarlyVmm>>,
-) -> Result<Done, Failure> {
-    // An early supervisor has nobody to return an error to but the waiting process: every
-    // failure from here on goes through its report.
-    let job_id = spec.identity.job_id.clone();
-    let stamp = |mut r: Report| {
-        r.job_id = job_id.clone();
-        r.json = a.json;
-        r
-    };
-    let mut early_report = early.as_mut().and_then(|e| e.take_report());
-    let forked = early_report.is_some();
-    match prepare_and_run_inner(ctx, a, spec, sigs, early, &mut early_report, &stamp) {
-        // Failed before the job took the report line over.
-        Err(f) if forked => {
-            if let Some(mut w) = early_report {
-                send_report(&mut w, &stamp(f.report()));
-            }
-            Ok(Done::DetachedChildEnded(f.code))
-        }
-        done => done,
-    }
-}
-
-fn prepare_and_run_inner(
-    ctx: &Context,
-    a: &LaunchArgs,
-    spec: &mut LaunchSpec,
-    sigs: &Signals,
-    mut early: Option<Box<super::early::EarlyVmm>>,
     early_report: &mut Option<fs::File>,
-    stamp: &dyn Fn(Report) -> Report,
 ) -> Result<Done, Failure> {
     let t0 = Instant::now();
     let vmm_bin = vmm::find_binary(ctx).map_err(Failure::setup)?;
@@ -1029,7 +1050,7 @@ fn prepare_and_run_inner(
     let mut job = if let Some(r) = early_report.take() {
         // Forked before the command line was parsed: from now on the caller hears from us
         // through the report only (the last copy of it closes after the report is sent).
-        super::early::redirect_stdio(&job.paths.dir.join("supervisor.log"));
+        redirect_stdio(&job.paths.dir.join("supervisor.log"));
         reporter = Some(r);
         job
     } else if a.detach {
@@ -1109,7 +1130,10 @@ fn prepare_and_run_inner(
             }
             job.finish(Some(f.exit_info()), false);
             if let Some(mut w) = reporter {
-                send_report(&mut w, &stamp(f.report()));
+                send_report(
+                    &mut w,
+                    &f.report().for_launch(&spec.identity.job_id, a.json),
+                );
                 return Ok(Done::DetachedChildEnded(f.code));
             }
             return Err(f);
@@ -1121,7 +1145,7 @@ fn prepare_and_run_inner(
         let st = &job.state;
         send_report(
             w,
-            &stamp(Report {
+            &Report {
                 ok: true,
                 code: 0,
                 reason: "running".into(),
@@ -1135,7 +1159,8 @@ fn prepare_and_run_inner(
                 }),
                 job_id: String::new(),
                 json: false,
-            }),
+            }
+            .for_launch(&st.job_id, a.json),
         );
     }
     drop(reporter);
