@@ -42,64 +42,65 @@ pub enum Command {
     Gc(crate::launch::GcArgs),
 }
 
-/// Name and one-line help of each command.
-const COMMANDS: [(&str, &str); 7] = [
-    (
-        "doctor",
-        "Check the host against the profile (read-only) and say how to fix each finding",
-    ),
-    (
-        "setup",
-        "Converge the host to the profile: artifacts, bridge, sysctls, NAT. Idempotent",
-    ),
-    ("teardown", "Undo what setup did, and nothing else"),
-    (
-        "rootfs",
-        "Build a raw ext4 guest root filesystem from a Dockerfile or an OCI image",
-    ),
-    (
-        "launch",
-        "Launch a microVM for one job and return its exit status",
-    ),
-    (
-        "vm",
-        "Manage detached VMs (ls, info, pause, resume, snapshot, restore, stop, logs)",
-    ),
-    (
-        "gc",
-        "Remove what dead jobs left behind (TAPs, sockets, run dirs)",
-    ),
-];
+/// What adds a command's arguments (or subcommands) to it.
+type AddArgs = fn(clap::Command) -> clap::Command;
+
+/// Each command: name, one-line help, and what adds its arguments.
+const COMMANDS: [(&str, &str, AddArgs); 7] = {
+    use clap::{Args, Subcommand};
+    [
+        (
+            "doctor",
+            "Check the host against the profile (read-only) and say how to fix each finding",
+            crate::doctor::DoctorArgs::augment_args,
+        ),
+        (
+            "setup",
+            "Converge the host to the profile: artifacts, bridge, sysctls, NAT. Idempotent",
+            crate::setup::SetupArgs::augment_args,
+        ),
+        (
+            "teardown",
+            "Undo what setup did, and nothing else",
+            crate::setup::TeardownArgs::augment_args,
+        ),
+        (
+            "rootfs",
+            "Build a raw ext4 guest root filesystem from a Dockerfile or an OCI image",
+            crate::rootfs::RootfsArgs::augment_args,
+        ),
+        (
+            "launch",
+            "Launch a microVM for one job and return its exit status",
+            crate::launch::LaunchArgs::augment_args,
+        ),
+        (
+            "vm",
+            "Manage detached VMs (ls, info, pause, resume, snapshot, restore, stop, logs)",
+            crate::launch::VmCommand::augment_subcommands,
+        ),
+        (
+            "gc",
+            "Remove what dead jobs left behind (TAPs, sockets, run dirs)",
+            crate::launch::GcArgs::augment_args,
+        ),
+    ]
+};
 
 // By hand rather than derived so that each command's arguments are built only when that
 // command runs (`Command::defer`): building all of them costs a scripted `launch` about a
 // tenth of a millisecond of cold code and allocations before it can start the VMM. The
 // arguments themselves stay derived in each command's module.
 impl clap::Subcommand for Command {
-    fn augment_subcommands(cmd: clap::Command) -> clap::Command {
-        use clap::Args;
-        fn deferred(name: &'static str, f: fn(clap::Command) -> clap::Command) -> clap::Command {
-            let about = COMMANDS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, a)| *a)
-                .unwrap_or_default();
-            clap::Command::new(name).about(about).defer(f)
+    fn augment_subcommands(mut cmd: clap::Command) -> clap::Command {
+        for (name, about, args) in COMMANDS {
+            let mut sub = clap::Command::new(name).about(about).defer(args);
+            if name == "vm" {
+                sub = sub.subcommand_required(true).arg_required_else_help(true);
+            }
+            cmd = cmd.subcommand(sub);
         }
-        cmd.subcommand(deferred("doctor", crate::doctor::DoctorArgs::augment_args))
-            .subcommand(deferred("setup", crate::setup::SetupArgs::augment_args))
-            .subcommand(deferred(
-                "teardown",
-                crate::setup::TeardownArgs::augment_args,
-            ))
-            .subcommand(deferred("rootfs", crate::rootfs::RootfsArgs::augment_args))
-            .subcommand(deferred("launch", crate::launch::LaunchArgs::augment_args))
-            .subcommand(
-                deferred("vm", crate::launch::VmCommand::augment_subcommands)
-                    .subcommand_required(true)
-                    .arg_required_else_help(true),
-            )
-            .subcommand(deferred("gc", crate::launch::GcArgs::augment_args))
+        cmd
     }
 
     fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
@@ -107,7 +108,7 @@ impl clap::Subcommand for Command {
     }
 
     fn has_subcommand(name: &str) -> bool {
-        COMMANDS.iter().any(|(n, _)| *n == name)
+        COMMANDS.iter().any(|(n, _, _)| *n == name)
     }
 }
 
