@@ -137,52 +137,11 @@ impl Client {
         timeout: Duration,
     ) -> Result<(u16, Vec<u8>), ApiError> {
         let deadline = Instant::now() + timeout;
-        self.send(method, action, body, timeout)?;
-        self.receive(action, deadline, timeout)
-    }
-
-    /// Write one request without waiting for its answer ([`Client::receive`] reads it).
-    fn send(
-        &mut self,
-        method: &str,
-        action: &str,
-        body: Option<&[u8]>,
-        timeout: Duration,
-    ) -> Result<(), ApiError> {
-        let body = body.unwrap_or(&[]);
-        let mut req = format!(
-            "{method} /api/v1/{action} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        req.push_str("\r\n");
-        let mut msg = req.into_bytes();
-        msg.extend_from_slice(body);
-        let sent = self.connect().and_then(|stream| {
-            stream
-                .set_write_timeout(Some(timeout))
-                .and_then(|()| stream.write_all(&msg))
-                .map_err(|e| io_error(action, timeout, e))
-        });
-        if sent.is_err() {
-            // A broken exchange leaves the stream in an unknown place.
-            self.stream = None;
-        }
-        sent
-    }
-
-    /// Read the answer to the request sent last, and turn an error status into
-    /// [`ApiError::Vmm`] with the VMM's message chain.
-    fn receive(
-        &mut self,
-        action: &str,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(u16, Vec<u8>), ApiError> {
-        let r = self.read_response(action, deadline, timeout);
+        let r = self
+            .write_request(method, action, body, timeout)
+            .and_then(|()| self.read_response(action, deadline, timeout));
         if r.is_err() {
+            // A timed-out or broken exchange leaves the stream in an unknown place.
             self.stream = None;
         }
         let (status, body) = r?;
@@ -202,6 +161,31 @@ impl Client {
             });
         }
         Ok((status, body))
+    }
+
+    fn write_request(
+        &mut self,
+        method: &str,
+        action: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let body = body.unwrap_or(&[]);
+        let mut req = format!(
+            "{method} /api/v1/{action} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !body.is_empty() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str("\r\n");
+        let mut msg = req.into_bytes();
+        msg.extend_from_slice(body);
+        let stream = self.connect()?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .and_then(|()| stream.write_all(&msg))
+            .map_err(|e| io_error(action, timeout, e))
     }
 
     fn read_response(
