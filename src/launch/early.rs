@@ -250,18 +250,13 @@ impl EarlyVmm {
     /// Kill the VMM, remove the staging directory and, in a forked supervisor, tell the
     /// waiting process to launch by itself.
     pub fn abandon(&mut self) {
-        if let Some(mut v) = self.vmm.take() {
-            v.kill_and_reap();
-        }
-        let _ = fs::remove_dir_all(&self.staging);
+        self.clean_up();
         if let Some(mut w) = self.report.take() {
             let _ = w.write_all(ABANDON.as_bytes());
         }
     }
-}
 
-impl Drop for EarlyVmm {
-    fn drop(&mut self) {
+    fn clean_up(&mut self) {
         if let Some(mut v) = self.vmm.take() {
             v.kill_and_reap();
         }
@@ -269,6 +264,12 @@ impl Drop for EarlyVmm {
         if self.staging.exists() {
             let _ = fs::remove_dir_all(&self.staging);
         }
+    }
+}
+
+impl Drop for EarlyVmm {
+    fn drop(&mut self) {
+        self.clean_up();
     }
 }
 

@@ -851,8 +851,8 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
     Ok(crate::exit::USAGE)
 }
 
-/// Print what the detached supervisor reported (as the launching process) and return the
-/// exit code.
+/// Print what the detached supervisor reported (as the launching process), or a launch's
+/// failure before it ran, and return the exit code.
 pub fn print_detached(r: &Report) -> i32 {
     let job_id = &r.job_id;
     if !r.ok {
@@ -907,20 +907,6 @@ pub fn launch(
     };
     let sigs = Signals::block()?;
     let json = a.json;
-    let print_failure = |f: &Failure| {
-        if json {
-            let r = serde_json::json!({
-                "job_id": job_id, "exit_code": f.code, "reason": f.reason, "detail": f.message,
-            });
-            say!("{r}");
-        }
-        eprintln!(
-            "chvkit: job {job_id}: {}: {}",
-            f.reason.replace('_', " "),
-            f.message
-        );
-        f.code
-    };
     // A supervisor forked before the arguments were parsed answers through its line only.
     let mut early_report = early.as_mut().and_then(|e| e.take_report());
     let t0 = Instant::now();
@@ -965,7 +951,7 @@ pub fn launch(
             }
             Ok(out.code)
         }
-        Err(f) => Ok(print_failure(&f)),
+        Err(f) => Ok(print_detached(&f.report().for_launch(&job_id, json))),
     }
 }
 
