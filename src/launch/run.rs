@@ -961,13 +961,6 @@ enum Done {
     DetachedChildEnded(i32),
 }
 
-/// Wall-clock seconds with microseconds, for scripts that time a launch against their own clock.
-fn unix_seconds(t: std::time::SystemTime) -> f64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| (d.as_micros() as f64) / 1e6)
-        .unwrap_or(0.0)
-}
-
 /// Debug-level timing of the launch path (`-vv` shows where the milliseconds go).
 fn stage(t0: Instant, what: &str) {
     tracing::debug!(
@@ -1055,7 +1048,6 @@ fn prepare_and_run(
     };
     stage(t0, "supervisor forked");
     let started = Instant::now();
-    let mut booted_at = std::time::SystemTime::UNIX_EPOCH;
     let mut created = false;
     let booted = (|| -> Result<Client, Failure> {
         // The VMM starts (exec, API socket: a few ms) while the disk, env disk and TAP are
@@ -1098,7 +1090,6 @@ fn prepare_and_run(
         stage(t0, "vm.create returned");
         // Never retried: a second boot after a failed one is unsafe (facts §2).
         c.boot().map_err(|e| job.api_failure(e))?;
-        booted_at = std::time::SystemTime::now();
         stage(t0, "vm.boot returned");
         job.mark_running()?;
         Ok(c)
@@ -1141,7 +1132,7 @@ fn prepare_and_run(
                     "tap": st.tap, "vmm_pid": st.vmm_pid, "supervisor_pid": st.supervisor_pid,
                     "run_dir": job.paths.dir, "api_socket": st.api_socket,
                     "serial_log": st.serial_log, "boot_ms": boot_ms,
-                    "booted_at": unix_seconds(booted_at),
+                    "booted_at": st.booted_at,
                 }),
                 job_id: String::new(),
                 json: false,
