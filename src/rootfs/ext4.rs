@@ -625,9 +625,16 @@ fn populate_tree(
         epoch: o.epoch,
         ..Default::default()
     };
-    with_writeback(&f, || super::populate::populate(tree, img, &opts)).map_err(|e| match e {
-        // The image file's filesystem is full (the image itself had room: that is NoSpace
-        // already, with the counts).
+    with_writeback(&f, || super::populate::populate(tree, img, &opts))
+}
+
+/// [`pack`], timing each step. `e2fsck -fyD` runs only when tune2fs asks for it or a directory
+/// spans more than one block (to index it); otherwise the image is already clean (the verify
+/// stage's `e2fsck -fn` checks every image anyway), and a fsck would only cost time.
+pub fn pack_report(tree: &Path, img: &Path, o: &PackOpts) -> Result<PackReport, Ext4Error> {
+    pack_steps(tree, img, o).map_err(|e| match e {
+        // The filesystem holding the image is full (chvkit's own writes; the tools' messages
+        // are recognised in `run_tool`, and a full image is NoSpace already, with counts).
         Ext4Error::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
             Ext4Error::NoSpace(format!("{}: {source}", path.display()))
         }
@@ -635,10 +642,7 @@ fn populate_tree(
     })
 }
 
-/// [`pack`], timing each step. `e2fsck -fyD` runs only when tune2fs asks for it or a directory
-/// spans more than one block (to index it); otherwise the image is already clean (the verify
-/// stage's `e2fsck -fn` checks every image anyway), and a fsck would only cost time.
-pub fn pack_report(tree: &Path, img: &Path, o: &PackOpts) -> Result<PackReport, Ext4Error> {
+fn pack_steps(tree: &Path, img: &Path, o: &PackOpts) -> Result<PackReport, Ext4Error> {
     let mut r = PackReport::default();
     let t = Instant::now();
     mkfs_empty(img, o)?;
