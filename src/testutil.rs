@@ -1,10 +1,11 @@
-//! Helpers for the library's own unit tests.
+//! Helpers for the tests: the library's unit tests use this module, and `tests/common`
+//! includes the same file for the integration tests and benches.
 
 use std::io::Write;
 
-/// Report a skipped test where a person sees it, as `tests/common` does for the integration
-/// tests: straight to fd 2 (libtest captures `print!`/`eprint!`, not direct writes) and into
-/// `$CHVKIT_SKIP_LOG`, which `make test` totals at the end.
+/// Report a skipped test where a person sees it: straight to fd 2 (libtest captures
+/// `print!`/`eprint!`, not direct writes) and into `$CHVKIT_SKIP_LOG`, which `make test`
+/// totals at the end.
 pub fn skip(test: &str, reason: &str) {
     let line = format!("skipped: {test}: {reason}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());

@@ -5,7 +5,6 @@
 //! machine's own namespace or /etc.
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,21 +14,10 @@ pub fn chvkit() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chvkit"))
 }
 
-/// Report a skip where a person sees it: straight to fd 2 (libtest does not capture direct
-/// writes) and into `$CHVKIT_SKIP_LOG`, which `make test` totals at the end.
-pub fn skip(test: &str, reason: &str) {
-    let line = format!("skipped: {test}: {reason}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
-    if let Ok(p) = std::env::var("CHVKIT_SKIP_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
-            let _ = f.write_all(line.as_bytes());
-        }
-    }
-}
+// One source for visible skips, shared with the library's unit tests.
+#[path = "../../src/testutil.rs"]
+mod testutil;
+pub use testutil::skip;
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
