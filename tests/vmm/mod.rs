@@ -495,7 +495,14 @@ impl Client {
 
     fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 16384];
-        let n = self.stream.read(&mut chunk)?;
+        // A signal delivered to this test process while it waits (a long vm.snapshot) must
+        // not read as a failed call: `read` does not retry EINTR by itself.
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
