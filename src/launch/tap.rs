@@ -9,11 +9,16 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::io::AsRawFd;
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{
-    InfoBridgePort, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+use rtnetlink::packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_REQUEST,
 };
-use rtnetlink::{LinkBridgePort, LinkUnspec};
+use rtnetlink::packet_route::link::{
+    InfoBridgePort, InfoPortData, InfoPortKind, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo,
+    LinkMessage,
+};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -39,8 +44,8 @@ pub enum TapError {
         name: String,
         detail: String,
     },
-    #[error("netlink runtime: {0}")]
-    Runtime(#[source] io::Error),
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] io::Error),
 }
 
 #[repr(C)]
@@ -161,92 +166,298 @@ fn describe_holders(name: &str) -> String {
         .join(", ")
 }
 
-/// Run a netlink conversation on a private single-threaded runtime. No threads outlive it, which
-/// matters: `launch --detach` forks afterwards.
-fn with_netlink<F, Fut, T>(f: F) -> Result<T, TapError>
-where
-    F: FnOnce(rtnetlink::Handle) -> Fut,
-    Fut: std::future::Future<Output = Result<T, TapError>>,
-{
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(TapError::Runtime)?;
-    rt.block_on(async move {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(TapError::Runtime)?;
-        let task = tokio::spawn(conn);
-        let r = f(handle).await;
-        task.abort();
-        r
-    })
+/// A synchronous `NETLINK_ROUTE` socket for the few requests a TAP needs. No async runtime:
+/// on the launch path, building one (epoll, a signal pipe) and driving five request/response
+/// round trips through it cost more than the kernel's own work.
+struct Rtnl {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
 }
 
-fn nl_err<'n>(what: &'static str, name: &'n str) -> impl FnOnce(rtnetlink::Error) -> TapError + 'n {
-    move |e| TapError::Netlink {
+/// `nlmsghdr` fields of one received message, and its payload.
+struct Reply<'a> {
+    kind: u16,
+    seq: u32,
+    payload: &'a [u8],
+    /// The whole message, header included.
+    raw: &'a [u8],
+}
+
+const NLMSG_ERROR: u16 = 2;
+/// Ends a dump (which gets no acknowledgement), with an errno of its own.
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+/// `IFLA_LINKINFO`, and in it `IFLA_INFO_KIND` (linux/if_link.h).
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+/// `sizeof(struct ifinfomsg)`.
+const IFINFOMSG_LEN: usize = 16;
+/// Receive buffer for requests about one link.
+const SMALL_REPLIES: usize = 16 * 1024;
+
+impl Rtnl {
+    /// `buf`: the receive buffer's size, enough for the largest datagram expected (a single
+    /// link with statistics skipped is a few KiB; a dump's datagrams stay under 32 KiB).
+    fn open(buf: usize) -> Result<Rtnl, TapError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(TapError::Socket)?;
+        socket.bind_auto().map_err(TapError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(TapError::Socket)?;
+        Ok(Rtnl {
+            socket,
+            seq: 0,
+            buf: vec![0u8; buf],
+        })
+    }
+
+    /// Send `msgs` in one datagram, each asking for an acknowledgement (a dump ends with
+    /// NLMSG_DONE instead); `on_reply` sees every other message that answers them (its index
+    /// in `msgs`, the reply). Returns each request's outcome: `Ok` or the kernel's errno. The
+    /// kernel handles the requests in order and goes on after a failed one, so every request
+    /// is answered.
+    fn exchange(
+        &mut self,
+        what: &'static str,
+        name: &str,
+        msgs: Vec<(u16, RouteNetlinkMessage)>,
+        mut on_reply: impl FnMut(usize, &Reply<'_>),
+    ) -> Result<Vec<Result<(), i32>>, TapError> {
+        let io_err = |e: io::Error| TapError::Netlink {
+            what,
+            name: name.to_string(),
+            detail: e.to_string(),
+        };
+        let first = self.seq.wrapping_add(1);
+        let n = msgs.len();
+        let mut out = Vec::new();
+        for (flags, m) in msgs.into_iter() {
+            self.seq = self.seq.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+            header.sequence_number = self.seq;
+            let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(m));
+            req.finalize();
+            let at = out.len();
+            out.resize(at + req.buffer_len(), 0);
+            req.serialize(&mut out[at..]);
+            out.resize((out.len() + 3) & !3, 0);
+        }
+        self.socket.send(&out, 0).map_err(io_err)?;
+        let mut acks: Vec<Option<Result<(), i32>>> = vec![None; n];
+        while acks.iter().any(Option::is_none) {
+            let len = match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(e)),
+            };
+            let mut off = 0;
+            while off + 16 <= len {
+                let b = &self.buf[off..len];
+                let mlen = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                if mlen < 16 || mlen > b.len() {
+                    return Err(TapError::Netlink {
+                        what,
+                        name: name.to_string(),
+                        detail: format!("malformed reply (message length {mlen})"),
+                    });
+                }
+                off += (mlen + 3) & !3;
+                let r = Reply {
+                    kind: u16::from_ne_bytes([b[4], b[5]]),
+                    seq: u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+                    payload: &b[16..mlen],
+                    raw: &b[..mlen],
+                };
+                let i = r.seq.wrapping_sub(first) as usize;
+                if i >= n {
+                    continue;
+                }
+                if (r.kind == NLMSG_ERROR || r.kind == NLMSG_DONE) && r.payload.len() >= 4 {
+                    let code = i32::from_ne_bytes([
+                        r.payload[0],
+                        r.payload[1],
+                        r.payload[2],
+                        r.payload[3],
+                    ]);
+                    acks[i] = Some(if code == 0 { Ok(()) } else { Err(-code) });
+                } else {
+                    on_reply(i, &r);
+                }
+            }
+        }
+        Ok(acks.into_iter().flatten().collect())
+    }
+
+    /// Index and kind (`IFLA_INFO_KIND`) of link `name`; `None` if there is none.
+    fn link(&mut self, name: &str) -> Result<Option<(u32, Option<String>)>, TapError> {
+        let mut found = None;
+        let r = self.exchange(
+            "get link",
+            name,
+            vec![(0, RouteNetlinkMessage::GetLink(link_get(Some(name))))],
+            |_, r| {
+                if r.kind == RTM_NEWLINK && r.payload.len() >= IFINFOMSG_LEN {
+                    let p = r.payload;
+                    let index = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]);
+                    found = Some((index, link_kind(&p[IFINFOMSG_LEN..])));
+                }
+            },
+        )?;
+        match r.first() {
+            Some(Err(e)) if *e == libc::ENODEV => Ok(None),
+            Some(Err(e)) => Err(kernel_err("get link", name, *e)),
+            _ => Ok(found),
+        }
+    }
+
+    /// The full message of link `name` (for reports, not the launch path).
+    fn link_message(&mut self, name: &str) -> Result<Option<LinkMessage>, TapError> {
+        let req = RouteNetlinkMessage::GetLink(link_get(Some(name)));
+        match self.link_messages("get link", name, req, 0)? {
+            Ok(mut v) => Ok(v.pop()),
+            Err(e) if e == libc::ENODEV => Ok(None),
+            Err(e) => Err(kernel_err("get link", name, e)),
+        }
+    }
+
+    /// The links a get request (or dump) answers with, or the kernel's errno.
+    fn link_messages(
+        &mut self,
+        what: &'static str,
+        name: &str,
+        req: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Result<Vec<LinkMessage>, i32>, TapError> {
+        let mut links = Vec::new();
+        let r = self.exchange(what, name, vec![(flags, req)], |_, r| {
+            if r.kind != RTM_NEWLINK {
+                return;
+            }
+            if let Ok(NetlinkMessage {
+                payload: NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)),
+                ..
+            }) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(r.raw)
+            {
+                links.push(m);
+            }
+        })?;
+        Ok(match r.first() {
+            Some(Err(e)) => Err(*e),
+            _ => Ok(links),
+        })
+    }
+}
+
+/// A link request by name (`None`: all links, for a dump), statistics skipped.
+fn link_get(name: Option<&str>) -> LinkMessage {
+    let mut m = LinkMessage::default();
+    if let Some(n) = name {
+        m.attributes.push(LinkAttribute::IfName(n.to_string()));
+    }
+    m.attributes
+        .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+    m
+}
+
+/// `IFLA_INFO_KIND` from a link message's attributes, read in place (the full parse of a
+/// bridge's attributes is most of the cost of looking one up).
+fn link_kind(attrs: &[u8]) -> Option<String> {
+    let info = NlasIterator::new(attrs)
+        .flatten()
+        .find(|a| a.kind() == IFLA_LINKINFO)?;
+    let kind = NlasIterator::new(info.value())
+        .flatten()
+        .find(|a| a.kind() == IFLA_INFO_KIND)?;
+    let v = kind.value();
+    let v = v.strip_suffix(&[0]).unwrap_or(v);
+    Some(String::from_utf8_lossy(v).into_owned())
+}
+
+fn kernel_err(what: &'static str, name: &str, errno: i32) -> TapError {
+    TapError::Netlink {
         what,
         name: name.to_string(),
-        detail: e.to_string(),
+        detail: io::Error::from_raw_os_error(errno).to_string(),
     }
 }
 
-async fn link_by_name(h: &rtnetlink::Handle, name: &str) -> Result<Option<LinkMessage>, TapError> {
-    let mut s = h.link().get().match_name(name.to_string()).execute();
-    match s.try_next().await {
-        Ok(m) => Ok(m),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl_err("get link", name)(e)),
+/// Index of link `name` by `SIOCGIFINDEX` on the netlink socket (no reply to parse).
+fn ifindex(rt: &Rtnl, name: &str) -> io::Result<u32> {
+    #[repr(C)]
+    struct IfReqIndex {
+        name: [u8; libc::IFNAMSIZ],
+        index: libc::c_int,
+        _pad: [u8; 20],
     }
+    let mut r = IfReqIndex {
+        name: [0; libc::IFNAMSIZ],
+        index: 0,
+        _pad: [0; 20],
+    };
+    let n = name.len().min(libc::IFNAMSIZ - 1);
+    r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: SIOCGIFINDEX reads and writes a `struct ifreq`, which IfReqIndex lays out.
+    let rc = unsafe { libc::ioctl(rt.socket.as_raw_fd(), libc::SIOCGIFINDEX, &mut r) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r.index as u32)
 }
 
-fn is_bridge(m: &LinkMessage) -> bool {
-    m.attributes.iter().any(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos
-            .iter()
-            .any(|i| matches!(i, LinkInfo::Kind(k) if k.to_string() == "bridge")),
-        _ => false,
-    })
-}
-
-/// Attach `tap` to `bridge` as an isolated port and bring it up.
+/// Attach `tap` to `bridge` as an isolated port and bring it up: the bridge looked up, then
+/// two requests in one datagram — controller set; port isolation on and up in one message
+/// (the kernel applies a link's port data before its flags, and port data only once it has a
+/// controller, hence two).
 pub fn attach_isolated(tap: &str, bridge: &str) -> Result<(), TapError> {
-    with_netlink(|h| async move {
-        let br = link_by_name(&h, bridge)
-            .await?
-            .ok_or_else(|| TapError::NoBridge(bridge.to_string()))?;
-        if !is_bridge(&br) {
-            return Err(TapError::NotBridge(bridge.to_string()));
-        }
-        let t = link_by_name(&h, tap)
-            .await?
-            .ok_or_else(|| TapError::Netlink {
-                what: "find",
-                name: tap.to_string(),
-                detail: "the TAP vanished right after it was created".into(),
-            })?;
-        let idx = t.header.index;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(idx)
-                    .controller(br.header.index)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl_err("attach to bridge", tap))?;
-        // Port isolation: isolated ports forward only to non-isolated ones (the bridge itself,
-        // i.e. the gateway), never to each other.
-        h.link()
-            .change(LinkBridgePort::new(idx).isolated(true).build())
-            .execute()
-            .await
-            .map_err(nl_err("set bridge port isolation on", tap))?;
-        h.link()
-            .set(LinkUnspec::new_with_index(idx).up().build())
-            .execute()
-            .await
-            .map_err(nl_err("set up", tap))?;
-        Ok(())
-    })
+    let mut rt = Rtnl::open(SMALL_REPLIES)?;
+    let (br, kind) = rt
+        .link(bridge)?
+        .ok_or_else(|| TapError::NoBridge(bridge.to_string()))?;
+    if kind.as_deref() != Some("bridge") {
+        return Err(TapError::NotBridge(bridge.to_string()));
+    }
+    let idx = ifindex(&rt, tap).map_err(|e| TapError::Netlink {
+        what: "find",
+        name: tap.to_string(),
+        detail: if e.raw_os_error() == Some(libc::ENODEV) {
+            "the TAP vanished right after it was created".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    let mut attach = LinkMessage::default();
+    attach.header.index = idx;
+    attach.attributes.push(LinkAttribute::Controller(br));
+    // Port isolation: isolated ports forward only to non-isolated ones (the bridge itself,
+    // i.e. the gateway), never to each other. Up only once isolated.
+    let mut isolate_up = LinkMessage::default();
+    isolate_up.header.index = idx;
+    isolate_up.header.flags = LinkFlags::Up;
+    isolate_up.header.change_mask = LinkFlags::Up;
+    isolate_up.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::PortKind(InfoPortKind::Bridge),
+        LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Isolated(
+            true,
+        )])),
+    ]));
+    let r = rt.exchange(
+        "attach to bridge",
+        tap,
+        vec![
+            (0, RouteNetlinkMessage::NewLink(attach)),
+            (0, RouteNetlinkMessage::NewLink(isolate_up)),
+        ],
+        |_, _| {},
+    )?;
+    if let Some(Err(e)) = r.first() {
+        return Err(kernel_err("attach to bridge", tap, *e));
+    }
+    if let Some(Err(e)) = r.get(1) {
+        return Err(kernel_err("set bridge port isolation on and up", tap, *e));
+    }
+    Ok(())
 }
 
 /// What the kernel says about a link: exists, its controller's name, isolated, up.
@@ -258,73 +469,203 @@ pub struct LinkStatus {
 }
 
 pub fn status(name: &str) -> Result<Option<LinkStatus>, TapError> {
-    with_netlink(|h| async move {
-        let Some(m) = link_by_name(&h, name).await? else {
-            return Ok(None);
-        };
-        let mut controller = None;
-        let mut isolated = None;
-        for a in &m.attributes {
-            match a {
-                LinkAttribute::Controller(i) => {
-                    let mut s = h.link().get().match_index(*i).execute();
-                    if let Ok(Some(c)) = s.try_next().await {
-                        controller = c.attributes.iter().find_map(|a| match a {
-                            LinkAttribute::IfName(n) => Some(n.clone()),
+    let mut rt = Rtnl::open(SMALL_REPLIES)?;
+    let Some(m) = rt.link_message(name)? else {
+        return Ok(None);
+    };
+    let mut controller = None;
+    let mut isolated = None;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Controller(i) => {
+                let mut get = link_get(None);
+                get.header.index = *i;
+                controller = rt
+                    .link_messages("get link", name, RouteNetlinkMessage::GetLink(get), 0)?
+                    .ok()
+                    .and_then(|mut v| v.pop())
+                    .and_then(|c| {
+                        c.attributes.into_iter().find_map(|a| match a {
+                            LinkAttribute::IfName(n) => Some(n),
                             _ => None,
-                        });
-                    }
-                }
-                LinkAttribute::LinkInfo(infos) => {
-                    for i in infos {
-                        if let LinkInfo::PortData(InfoPortData::BridgePort(ps)) = i {
-                            for p in ps {
-                                if let InfoBridgePort::Isolated(v) = p {
-                                    isolated = Some(*v);
-                                }
+                        })
+                    });
+            }
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::PortData(InfoPortData::BridgePort(ps)) = i {
+                        for p in ps {
+                            if let InfoBridgePort::Isolated(v) = p {
+                                isolated = Some(*v);
                             }
                         }
                     }
                 }
-                _ => {}
             }
+            _ => {}
         }
-        Ok(Some(LinkStatus {
-            controller,
-            isolated,
-            up: m.header.flags.contains(LinkFlags::Up),
-        }))
-    })
+    }
+    Ok(Some(LinkStatus {
+        controller,
+        isolated,
+        up: m.header.flags.contains(LinkFlags::Up),
+    }))
 }
 
 /// Delete link `name`; `Ok(false)` if it did not exist.
 pub fn delete(name: &str) -> Result<bool, TapError> {
-    with_netlink(|h| async move {
-        let Some(m) = link_by_name(&h, name).await? else {
-            return Ok(false);
-        };
-        match h.link().del(m.header.index).execute().await {
-            Ok(()) => Ok(true),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(false),
-            Err(e) => Err(nl_err("delete", name)(e)),
-        }
-    })
+    let mut rt = Rtnl::open(SMALL_REPLIES)?;
+    let mut del = LinkMessage::default();
+    del.attributes.push(LinkAttribute::IfName(name.to_string()));
+    let r = rt.exchange(
+        "delete",
+        name,
+        vec![(0, RouteNetlinkMessage::DelLink(del))],
+        |_, _| {},
+    )?;
+    match r.first() {
+        Some(Err(e)) if *e == libc::ENODEV => Ok(false),
+        Some(Err(e)) => Err(kernel_err("delete", name, *e)),
+        _ => Ok(true),
+    }
 }
 
 /// Names of all links starting with `prefix` in this namespace.
 pub fn list_with_prefix(prefix: &str) -> Result<Vec<String>, TapError> {
-    with_netlink(|h| async move {
-        let mut s = h.link().get().execute();
-        let mut out = Vec::new();
-        while let Some(m) = s.try_next().await.map_err(nl_err("list", "links"))? {
-            for a in &m.attributes {
-                if let LinkAttribute::IfName(n) = a {
-                    if n.starts_with(prefix) {
-                        out.push(n.clone());
-                    }
-                }
-            }
+    let mut rt = Rtnl::open(64 * 1024)?;
+    let links = rt
+        .link_messages(
+            "list",
+            "links",
+            RouteNetlinkMessage::GetLink(link_get(None)),
+            NLM_F_DUMP,
+        )?
+        .map_err(|e| kernel_err("list", "links", e))?;
+    Ok(links
+        .into_iter()
+        .flat_map(|m| m.attributes)
+        .filter_map(|a| match a {
+            LinkAttribute::IfName(n) if n.starts_with(prefix) => Some(n),
+            _ => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Run `f` on a thread of its own in a fresh network namespace (namespaces are per
+    /// thread: the rest of the test process stays where it is, and the namespace with every
+    /// link in it goes away when the thread ends, whatever happened in it).
+    fn in_private_netns(test: &str, f: impl FnOnce() + Send + 'static) -> bool {
+        // SAFETY: geteuid has no arguments.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::testutil::skip(test, "needs root (a network namespace, TAPs)");
+            return false;
         }
-        Ok(out)
-    })
+        if !Path::new("/dev/net/tun").exists() {
+            crate::testutil::skip(test, "no /dev/net/tun");
+            return false;
+        }
+        let r = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            f();
+        })
+        .join();
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+        true
+    }
+
+    fn ip(args: &str) {
+        // Spawned from the namespaced thread, `ip` runs in its namespace.
+        let o = Command::new("ip").args(args.split(' ')).output().unwrap();
+        assert!(o.status.success(), "ip {args}: {o:?}");
+    }
+
+    fn ip_out(args: &str) -> String {
+        let o = Command::new("ip").args(args.split(' ')).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    #[test]
+    fn link_kind_reads_the_info_kind_in_place() {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName("br0".into()));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                rtnetlink::packet_route::link::InfoKind::Bridge,
+            )]));
+        let msg = RouteNetlinkMessage::NewLink(m);
+        let mut nl =
+            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(msg));
+        nl.finalize();
+        let mut buf = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        assert_eq!(
+            link_kind(&buf[16 + IFINFOMSG_LEN..]).as_deref(),
+            Some("bridge")
+        );
+        assert_eq!(link_kind(&[]), None);
+        // A truncated attribute is no kind, not a panic.
+        assert_eq!(link_kind(&buf[16 + IFINFOMSG_LEN..buf.len() - 3]), None);
+    }
+
+    /// The TAP's whole life over the synchronous socket, checked against `ip`'s view.
+    #[test]
+    fn tap_attach_status_list_delete_in_a_namespace() {
+        in_private_netns("tap_attach_status_list_delete_in_a_namespace", || {
+            ip("link add br0 type bridge");
+            let tun = create_persistent_held("chv-t1").unwrap();
+            // Held by us: a second creation names the holder.
+            match create_persistent("chv-t1") {
+                Err(TapError::Busy { holder, .. }) => {
+                    assert!(holder.contains(&std::process::id().to_string()), "{holder}")
+                }
+                other => panic!("expected Busy, got {other:?}"),
+            }
+            drop(tun);
+            assert!(matches!(
+                attach_isolated("chv-t1", "nobr0"),
+                Err(TapError::NoBridge(b)) if b == "nobr0"
+            ));
+            assert!(matches!(
+                attach_isolated("chv-t1", "lo"),
+                Err(TapError::NotBridge(b)) if b == "lo"
+            ));
+            let e = attach_isolated("chv-none", "br0").unwrap_err();
+            assert!(e.to_string().contains("vanished"), "{e}");
+            // Refusals changed nothing.
+            let st = status("chv-t1").unwrap().unwrap();
+            assert_eq!((st.controller, st.up), (None, false));
+
+            attach_isolated("chv-t1", "br0").unwrap();
+            let st = status("chv-t1").unwrap().unwrap();
+            assert_eq!(st.controller.as_deref(), Some("br0"));
+            assert_eq!(st.isolated, Some(true));
+            assert!(st.up);
+            let shown = ip_out("-d link show chv-t1");
+            assert!(
+                shown.contains("master br0") && shown.contains("isolated on"),
+                "{shown}"
+            );
+            // Idempotent: attaching again is no error and no change.
+            attach_isolated("chv-t1", "br0").unwrap();
+            assert_eq!(status("chv-t1").unwrap().unwrap().isolated, Some(true));
+
+            create_persistent("chv-t2").unwrap();
+            let mut names = list_with_prefix("chv-").unwrap();
+            names.sort();
+            assert_eq!(names, ["chv-t1", "chv-t2"]);
+
+            assert!(delete("chv-t1").unwrap());
+            assert!(!delete("chv-t1").unwrap());
+            assert!(status("chv-t1").unwrap().is_none());
+            assert_eq!(list_with_prefix("chv-").unwrap(), ["chv-t2"]);
+        });
+    }
 }
