@@ -163,9 +163,23 @@ pub fn prepare(rootfs: &Path, dest_stem: &Path, bases: &Path) -> Result<JobDisk,
     })
 }
 
+/// Filesystems that never share extents (ext2/3/4, tmpfs): there, trying FICLONE costs a file
+/// creation and an unlink in the directory's journal on every launch for nothing. Anything
+/// else (btrfs, XFS with or without reflink, bcachefs, NFS 4.2, ...) is tried.
+fn never_reflinks(dir: &Path) -> bool {
+    use nix::sys::statfs::{statfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+    statfs(dir).is_ok_and(|s| {
+        let t = s.filesystem_type();
+        t == EXT4_SUPER_MAGIC || t == TMPFS_MAGIC
+    })
+}
+
 /// Clone `src` into a new file `dest`. `Ok(false)` when the filesystem cannot share extents
 /// (then nothing is left at `dest`).
 fn try_reflink(src: &File, dest: &Path) -> Result<bool, DiskError> {
+    if dest.parent().is_some_and(never_reflinks) {
+        return Ok(false);
+    }
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -394,6 +408,17 @@ pub fn copy_file(src: &Path, dest: &Path) -> Result<(), DiskError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reflink_is_not_tried_where_it_never_works() {
+        // /dev/shm is tmpfs on any usual host; /proc never is, and is not ext4 either.
+        if Path::new("/dev/shm").is_dir() {
+            assert!(never_reflinks(Path::new("/dev/shm")));
+        }
+        assert!(!never_reflinks(Path::new("/proc")));
+        // An unreadable path is tried (and fails properly there), not skipped.
+        assert!(!never_reflinks(Path::new("/nonexistent/dir")));
+    }
+
     use super::*;
 
     fn sparse(dir: &Path, name: &str, size: u64, data: &[(u64, &[u8])]) -> PathBuf {
