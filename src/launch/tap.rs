@@ -213,8 +213,7 @@ impl Rtnl {
     }
 
     /// Send `msgs` in one datagram, each asking for an acknowledgement (a dump ends with
-    /// NLMSG_DONE instead); `on_reply` sees every other message that answers them (its index
-    /// in `msgs`, the reply). Returns each request's outcome: `Ok` or the kernel's errno. The
+    /// NLMSG_DONE instead); `on_reply` sees every other message that answers them. Returns each request's outcome: `Ok` or the kernel's errno. The
     /// kernel handles the requests in order and goes on after a failed one, so every request
     /// is answered.
     fn exchange(
@@ -222,7 +221,7 @@ impl Rtnl {
         what: &'static str,
         name: &str,
         msgs: Vec<(u16, RouteNetlinkMessage)>,
-        mut on_reply: impl FnMut(usize, &Reply<'_>),
+        mut on_reply: impl FnMut(&Reply<'_>),
     ) -> Result<Vec<Result<(), i32>>, TapError> {
         let io_err = |e: io::Error| TapError::Netlink {
             what,
@@ -283,7 +282,7 @@ impl Rtnl {
                     ]);
                     acks[i] = Some(if code == 0 { Ok(()) } else { Err(-code) });
                 } else {
-                    on_reply(i, &r);
+                    on_reply(&r);
                 }
             }
         }
@@ -297,7 +296,7 @@ impl Rtnl {
             "get link",
             name,
             vec![(0, RouteNetlinkMessage::GetLink(link_get(Some(name))))],
-            |_, r| {
+            |r| {
                 if r.kind == RTM_NEWLINK && r.payload.len() >= IFINFOMSG_LEN {
                     let p = r.payload;
                     let index = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]);
@@ -331,7 +330,7 @@ impl Rtnl {
         flags: u16,
     ) -> Result<Result<Vec<LinkMessage>, i32>, TapError> {
         let mut links = Vec::new();
-        let r = self.exchange(what, name, vec![(flags, req)], |_, r| {
+        let r = self.exchange(what, name, vec![(flags, req)], |r| {
             if r.kind != RTM_NEWLINK {
                 return;
             }
@@ -449,7 +448,7 @@ pub fn attach_isolated(tap: &str, bridge: &str) -> Result<(), TapError> {
             (0, RouteNetlinkMessage::NewLink(attach)),
             (0, RouteNetlinkMessage::NewLink(isolate_up)),
         ],
-        |_, _| {},
+        |_| {},
     )?;
     if let Some(Err(e)) = r.first() {
         return Err(kernel_err("attach to bridge", tap, *e));
@@ -521,7 +520,7 @@ pub fn delete(name: &str) -> Result<bool, TapError> {
         "delete",
         name,
         vec![(0, RouteNetlinkMessage::DelLink(del))],
-        |_, _| {},
+        |_| {},
     )?;
     match r.first() {
         Some(Err(e)) if *e == libc::ENODEV => Ok(false),
