@@ -320,13 +320,34 @@ struct Netlink {
     buf: Vec<u8>,
 }
 
+/// A blocking `NETLINK_ROUTE` socket bound to a kernel-chosen port and connected to the kernel
+/// (doctor's dumps here, launch's TAP requests in `launch::tap`).
+pub(crate) fn route_socket() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// The netlink messages in one received datagram, each whole (header included). A header whose
+/// length does not fit is `Err(length)`, and the last item: nothing after it can be framed.
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = Result<&[u8], usize>> + '_ {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let b = buf.get(off..).filter(|b| b.len() >= 16)?;
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len < 16 || len > b.len() {
+            off = buf.len();
+            return Some(Err(len));
+        }
+        off += (len + 3) & !3;
+        Some(Ok(&b[..len]))
+    })
+}
+
 impl Netlink {
     fn open() -> Result<Netlink, NetError> {
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetError::Socket)?;
-        socket.bind_auto().map_err(NetError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(NetError::Socket)?;
+        let socket = route_socket().map_err(NetError::Socket)?;
         Ok(Netlink {
             socket,
             seq: 0,
@@ -359,18 +380,12 @@ impl Netlink {
                 .socket
                 .recv(&mut &mut self.buf[..], 0)
                 .map_err(|source| NetError::Io { what, source })?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let b = &self.buf[off..n];
-                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                if len < 16 || len > b.len() {
-                    return Err(NetError::Decode {
-                        what,
-                        message: format!("bad message length {len}"),
-                    });
-                }
-                off += (len + 3) & !3;
-                let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&b[..len]) {
+            for m in messages(&self.buf[..n]) {
+                let m = m.map_err(|len| NetError::Decode {
+                    what,
+                    message: format!("bad message length {len}"),
+                })?;
+                let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(m) {
                     Ok(m) => m,
                     Err(e) => {
                         // One object the parser does not understand must not hide the rest.
@@ -616,6 +631,28 @@ fn protocol_number(p: RouteProtocol) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_frames_a_datagram_and_stops_at_a_bad_length() {
+        // A 20-byte message (padded to 20), a 17-byte one (padded to 20), then a header that
+        // claims more than is there.
+        let mut buf = Vec::new();
+        for (len, tag) in [(20u32, 1u8), (17, 2)] {
+            let mut m = vec![tag; ((len as usize) + 3) & !3];
+            m[..4].copy_from_slice(&len.to_ne_bytes());
+            buf.extend(m);
+        }
+        let mut bad = vec![0u8; 16];
+        bad[..4].copy_from_slice(&400u32.to_ne_bytes());
+        buf.extend(&bad);
+        let got: Vec<_> = messages(&buf).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].map(|m| (m.len(), m[4])), Ok((20, 1)));
+        assert_eq!(got[1].map(|m| (m.len(), m[4])), Ok((17, 2)));
+        assert_eq!(got[2], Err(400));
+        // Fewer than a header's bytes left: nothing more.
+        assert_eq!(messages(&buf[..10]).count(), 0);
+    }
 
     #[test]
     fn tun_attributes_decode() {

@@ -18,7 +18,7 @@ use rtnetlink::packet_route::link::{
     LinkMessage,
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use rtnetlink::sys::Socket;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -200,13 +200,8 @@ impl Rtnl {
     /// `buf`: the receive buffer's size, enough for the largest datagram expected (a single
     /// link with statistics skipped is a few KiB; a dump's datagrams stay under 32 KiB).
     fn open(buf: usize) -> Result<Rtnl, TapError> {
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(TapError::Socket)?;
-        socket.bind_auto().map_err(TapError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(TapError::Socket)?;
         Ok(Rtnl {
-            socket,
+            socket: crate::host::net::route_socket().map_err(TapError::Socket)?,
             seq: 0,
             buf: vec![0u8; buf],
         })
@@ -251,23 +246,17 @@ impl Rtnl {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(io_err(e)),
             };
-            let mut off = 0;
-            while off + 16 <= len {
-                let b = &self.buf[off..len];
-                let mlen = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                if mlen < 16 || mlen > b.len() {
-                    return Err(TapError::Netlink {
-                        what,
-                        name: name.to_string(),
-                        detail: format!("malformed reply (message length {mlen})"),
-                    });
-                }
-                off += (mlen + 3) & !3;
+            for b in crate::host::net::messages(&self.buf[..len]) {
+                let b = b.map_err(|mlen| TapError::Netlink {
+                    what,
+                    name: name.to_string(),
+                    detail: format!("malformed reply (message length {mlen})"),
+                })?;
                 let r = Reply {
                     kind: u16::from_ne_bytes([b[4], b[5]]),
                     seq: u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-                    payload: &b[16..mlen],
-                    raw: &b[..mlen],
+                    payload: &b[16..],
+                    raw: b,
                 };
                 let i = r.seq.wrapping_sub(first) as usize;
                 if i >= n {
