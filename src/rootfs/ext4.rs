@@ -296,7 +296,7 @@ pub fn enable_csum(img: &Path, epoch: Option<i64>) -> Result<(), Ext4Error> {
 pub fn fsck_requested(img: &Path) -> Result<bool, Ext4Error> {
     let f = File::open(img).map_err(io_err(img))?;
     let (sb, _) = read_sb(&f, img)?;
-    let state = u16::from_le_bytes([sb[0x3A], sb[0x3B]]);
+    let state = le16(&sb, 0x3A);
     Ok(state & 1 == 0 || state & 2 != 0)
 }
 
@@ -345,18 +345,27 @@ struct Sb {
     desc_size: u64,
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
+/// Little-endian fields of on-disk structures (here and in [`super::populate`]).
+pub(super) fn le16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+pub(super) fn le32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
-fn put32(b: &mut [u8], off: usize, v: u32) {
+pub(super) fn put16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+pub(super) fn put32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
 fn read_sb(f: &File, img: &Path) -> Result<(Vec<u8>, Sb), Ext4Error> {
     let mut sb = vec![0u8; 1024];
     f.read_exact_at(&mut sb, 1024).map_err(io_err(img))?;
-    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+    if le16(&sb, 0x38) != 0xEF53 {
         return Err(Ext4Error::Format(img.to_path_buf(), "bad magic"));
     }
     let log = le32(&sb, 0x18);
@@ -368,10 +377,10 @@ fn read_sb(f: &File, img: &Path) -> Result<(Vec<u8>, Sb), Ext4Error> {
     let bpg = u64::from(le32(&sb, 0x20));
     let ipg = u64::from(le32(&sb, 0x28));
     let first = u64::from(le32(&sb, 0x14));
-    let inode_size = u64::from(u16::from_le_bytes([sb[0x58], sb[0x59]]));
+    let inode_size = u64::from(le16(&sb, 0x58));
     let incompat = le32(&sb, 0x60);
     let desc_size = if incompat & 0x80 != 0 {
-        u64::from(u16::from_le_bytes([sb[0xFE], sb[0xFF]])).max(32)
+        u64::from(le16(&sb, 0xFE)).max(32)
     } else {
         32
     };
@@ -394,7 +403,7 @@ fn read_sb(f: &File, img: &Path) -> Result<(Vec<u8>, Sb), Ext4Error> {
 }
 
 /// Encode a time for the 32-bit field plus the "extra" epoch bits (nanoseconds zero).
-fn time_fields(t: i64) -> (u32, u32) {
+pub(super) fn time_fields(t: i64) -> (u32, u32) {
     let lo = t as i32 as u32;
     let epoch_bits = ((t - i64::from(lo as i32)) >> 32) as u32 & 3;
     (lo, epoch_bits)
@@ -444,8 +453,8 @@ pub fn scan_inodes(img: &Path, epoch: Option<i64>) -> Result<InodeScan, Ext4Erro
         f.read_exact_at(&mut buf, off).map_err(io_err(img))?;
         let mut dirty = false;
         for (i, ino) in buf.chunks_exact_mut(isz).enumerate() {
-            let mode = u16::from_le_bytes([ino[0], ino[1]]);
-            let links = u16::from_le_bytes([ino[0x1A], ino[0x1B]]);
+            let mode = le16(ino, 0);
+            let links = le16(ino, 0x1A);
             if mode == 0 && links == 0 {
                 continue;
             }
@@ -467,13 +476,15 @@ pub fn scan_inodes(img: &Path, epoch: Option<i64>) -> Result<InodeScan, Ext4Erro
     Ok(scan)
 }
 
-fn set_inode_times(ino: &mut [u8], epoch: i64) {
+/// The epoch rule on one on-disk inode: atime, ctime and crtime become `epoch`, mtime is
+/// clamped to it, nanoseconds go. Fields beyond the inode's `i_extra_isize` are left alone.
+pub(super) fn set_inode_times(ino: &mut [u8], epoch: i64) {
     let (lo, hi) = time_fields(epoch);
     put32(ino, 0x08, lo); // atime
     put32(ino, 0x0C, lo); // ctime
     let mtime = i64::from(le32(ino, 0x10) as i32);
     let extra = if ino.len() > 128 {
-        u16::from_le_bytes([ino[0x80], ino[0x81]]) as usize
+        le16(ino, 0x80) as usize
     } else {
         0
     };
@@ -540,7 +551,7 @@ pub fn normalize_superblock_times(img: &Path, epoch: i64) -> Result<(), Ext4Erro
         };
         let mut sb = vec![0u8; 1024];
         f.read_exact_at(&mut sb, off).map_err(io_err(img))?;
-        if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        if le16(&sb, 0x38) != 0xEF53 {
             continue;
         }
         // s_mtime, s_wtime, s_lastcheck, s_mkfs_time: only those a tool stamped (a never-mounted

@@ -2,10 +2,10 @@
 //! `/init`.
 //!
 //! Stages: build (buildah) or import, export to an OCI layout, `umoci unpack`, prepare the tree
-//! (/init, busybox, placeholders), pack (empty `mkfs.ext4`, chvkit's writer, then metadata_csum), verify, and an
-//! atomic rename onto OUT. The output's temp file is created next to OUT first, so a read-only
-//! or full destination fails before any work, and OUT is never half-written. Scratch space lives
-//! in a temp dir removed on success, failure and Ctrl-C.
+//! (/init, busybox, placeholders), pack (empty `mkfs.ext4`, chvkit's writer, then
+//! metadata_csum), verify, and an atomic rename onto OUT. The output's temp file is created next
+//! to OUT first, so a read-only or full destination fails before any work, and OUT is never
+//! half-written. Scratch space lives in a temp dir removed on success, failure and Ctrl-C.
 
 pub mod cache;
 pub mod envdisk;

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
+use super::ext4::{le16, le32, put16, put32};
 use crate::rootfs::ext4::Ext4Error;
 
 /// Options for [`populate`].
@@ -101,19 +102,6 @@ const FT_BLK: u8 = 4;
 const FT_FIFO: u8 = 5;
 const FT_SOCK: u8 = 6;
 const FT_LNK: u8 = 7;
-
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn put16(b: &mut [u8], o: usize, v: u16) {
-    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put32(b: &mut [u8], o: usize, v: u32) {
-    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
-}
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
     move |source| Ext4Error::Io {
@@ -974,9 +962,8 @@ fn build_extent_tree(
 /// Seconds and nanoseconds into the 32-bit field plus the `_extra` word (2 epoch bits, then
 /// nanoseconds), as the kernel encodes them.
 fn put_time(ib: &mut [u8], off: usize, extra_off: usize, (sec, nsec): (i64, u32)) {
-    let lo = sec as i32;
-    let epoch = (((sec - i64::from(lo)) >> 32) & 3) as u32;
-    put32(ib, off, lo as u32);
+    let (lo, epoch) = super::ext4::time_fields(sec);
+    put32(ib, off, lo);
     put32(ib, extra_off, epoch | (nsec << 2));
 }
 
@@ -986,15 +973,6 @@ fn times(n: &Node, epoch: Option<i64>) -> [(i64, u32); 4] {
         Some(t) => [(t, 0), (t, 0), (n.mtime.0.min(t), 0), (t, 0)],
         None => [n.atime, n.ctime, n.mtime, n.ctime],
     }
-}
-
-/// The epoch rule applied to an inode mkfs wrote (lost+found and the other reserved ones).
-fn restamp(ib: &mut [u8], t: i64) {
-    let mtime = i64::from(le32(ib, 0x10) as i32) + (i64::from(le32(ib, 0x88) & 3) << 32);
-    put_time(ib, 0x08, 0x8C, (t, 0));
-    put_time(ib, 0x0C, 0x84, (t, 0));
-    put_time(ib, 0x10, 0x88, (mtime.min(t), 0));
-    put_time(ib, 0x90, 0x94, (t, 0));
 }
 
 fn encode_inode(
@@ -1645,7 +1623,8 @@ fn write_metadata(
                 for ino in 1..=LOST_FOUND_INO as usize {
                     let ib = &mut table[(ino - 1) * isz..ino * isz];
                     if ino != ROOT_INO as usize && (le16(ib, 0) != 0 || le16(ib, 0x1A) != 0) {
-                        restamp(ib, t);
+                        // The inodes mkfs wrote (lost+found and the other reserved ones).
+                        super::ext4::set_inode_times(ib, t);
                     }
                 }
             }
