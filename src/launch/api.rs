@@ -304,17 +304,10 @@ impl Client {
         })
     }
 
+    /// `vm.create`; its [`BOOT_TIMEOUT`] also covers a VMM still starting (launch sends it as
+    /// the first request to the pre-bound socket).
     pub fn create(&mut self, config: &serde_json::Value) -> Result<(), ApiError> {
-        self.create_within(config, BOOT_TIMEOUT)
-    }
-
-    /// `vm.create` as the first request to a VMM that may still be starting.
-    pub fn create_within(
-        &mut self,
-        config: &serde_json::Value,
-        timeout: Duration,
-    ) -> Result<(), ApiError> {
-        self.put_json("vm.create", config, timeout).map(|_| ())
+        self.put_json("vm.create", config, BOOT_TIMEOUT).map(|_| ())
     }
 
     pub fn boot(&mut self) -> Result<(), ApiError> {

@@ -311,25 +311,15 @@ impl<'a> Job<'a> {
 
     /// Create the TAP persistent, register its deletion, attach it isolated, bring it up.
     pub fn create_tap(&mut self) -> Result<(), Failure> {
-        drop(self.create_tap_held()?);
-        self.attach_tap()
-    }
-
-    /// Create the TAP persistent and register its deletion; the returned descriptor still
-    /// holds its queue (see [`tap::create_persistent_held`]).
-    pub fn create_tap_held(&mut self) -> Result<fs::File, Failure> {
         let name = self.state.tap.clone();
-        let tun = tap::create_persistent_held(&name).map_err(|e| Failure::setup(e.to_string()))?;
-        self.cleanup.push(format!("delete TAP {name}"), move || {
-            tap::delete(&name).map(|_| ()).map_err(|e| e.to_string())
-        });
-        Ok(tun)
-    }
-
-    /// Attach the TAP to the bridge as an isolated port and bring it up.
-    pub fn attach_tap(&mut self) -> Result<(), Failure> {
-        tap::attach_isolated(&self.state.tap, &self.state.bridge)
-            .map_err(|e| Failure::setup(e.to_string()))
+        tap::create_persistent(&name).map_err(|e| Failure::setup(e.to_string()))?;
+        {
+            let n = name.clone();
+            self.cleanup.push(format!("delete TAP {name}"), move || {
+                tap::delete(&n).map(|_| ()).map_err(|e| e.to_string())
+            });
+        }
+        tap::attach_isolated(&name, &self.state.bridge).map_err(|e| Failure::setup(e.to_string()))
     }
 
     pub fn spawn_vmm(&mut self) -> Result<(), Failure> {
@@ -575,6 +565,19 @@ pub struct Report {
 }
 
 impl Report {
+    /// A job that is up: `extra` is what the launching process prints (as is with `--json`).
+    pub fn running(extra: serde_json::Value) -> Report {
+        Report {
+            ok: true,
+            code: 0,
+            reason: "running".into(),
+            message: String::new(),
+            extra,
+            job_id: String::new(),
+            json: false,
+        }
+    }
+
     /// Name the launch's job and output form, so that the waiting process can print the
     /// answer without having parsed the command line itself.
     pub fn for_launch(mut self, job_id: &str, json: bool) -> Report {
@@ -586,7 +589,7 @@ impl Report {
 
 pub enum ForkSide {
     Parent(Report),
-    /// The write end of the report pipe.
+    /// The supervisor's end of the line to the launching process.
     Child(fs::File),
 }
 
@@ -913,12 +916,6 @@ pub fn launch(
     let done = prepare_and_run(ctx, &a, &mut spec, &sigs, early, &mut early_report);
     stage(t0, "launch finished");
     match done {
-        Err(f) if early_report.is_some() => {
-            if let Some(mut w) = early_report {
-                send_report(&mut w, &f.report().for_launch(&job_id, json));
-            }
-            Ok(f.code)
-        }
         Ok(Done::Detached(report)) => Ok(print_detached(&report.for_launch(&job_id, json))),
         Ok(Done::DetachedChildEnded(code)) => Ok(code),
         Ok(Done::Finished(out, kept)) => {
@@ -951,7 +948,17 @@ pub fn launch(
             }
             Ok(out.code)
         }
-        Err(f) => Ok(print_detached(&f.report().for_launch(&job_id, json))),
+        Err(f) => {
+            let r = f.report().for_launch(&job_id, json);
+            match early_report {
+                // The launching process prints it.
+                Some(mut w) => send_report(&mut w, &r),
+                None => {
+                    print_detached(&r);
+                }
+            }
+            Ok(f.code)
+        }
     }
 }
 
@@ -1080,7 +1087,7 @@ fn prepare_and_run(
         let mut c = Client::new(&job.paths.socket);
         let cfg = vm_config(spec, &job.paths, &d, landlock);
         created = true;
-        if let Err(e) = c.create_within(&cfg, vmm::STARTUP_BUDGET) {
+        if let Err(e) = c.create(&cfg) {
             if e.chain().is_some() {
                 // A failed create may still leave a stored config.
                 let _ = c.delete();
@@ -1122,21 +1129,13 @@ fn prepare_and_run(
         let st = &job.state;
         send_report(
             w,
-            &Report {
-                ok: true,
-                code: 0,
-                reason: "running".into(),
-                message: String::new(),
-                extra: serde_json::json!({
-                    "job_id": st.job_id, "state": "running", "ip": st.ip, "mac": st.mac,
-                    "tap": st.tap, "vmm_pid": st.vmm_pid, "supervisor_pid": st.supervisor_pid,
-                    "run_dir": job.paths.dir, "api_socket": st.api_socket,
-                    "serial_log": st.serial_log, "boot_ms": boot_ms,
-                    "booted_at": st.booted_at,
-                }),
-                job_id: String::new(),
-                json: false,
-            }
+            &Report::running(serde_json::json!({
+                "job_id": st.job_id, "state": "running", "ip": st.ip, "mac": st.mac,
+                "tap": st.tap, "vmm_pid": st.vmm_pid, "supervisor_pid": st.supervisor_pid,
+                "run_dir": job.paths.dir, "api_socket": st.api_socket,
+                "serial_log": st.serial_log, "boot_ms": boot_ms,
+                "booted_at": st.booted_at,
+            }))
             .for_launch(&st.job_id, a.json),
         );
     }

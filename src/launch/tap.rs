@@ -71,15 +71,16 @@ fn ifreq(name: &str, flags: libc::c_int) -> IfReq {
 
 /// Create (or take over an unheld leftover) persistent TAP `name`. A TAP held by a running
 /// process fails with [`TapError::Busy`] naming the holder.
+///
+/// The descriptor that made it is closed on return: the TAP has a single queue, which the VMM
+/// opens later. The close waits for an RCU grace period (`synchronize_net` in tun's detach):
+/// from 0.05 ms to several ms on a busy host.
 pub fn create_persistent(name: &str) -> Result<(), TapError> {
-    create_persistent_held(name).map(drop)
+    open_persistent(name).map(drop)
 }
 
-/// [`create_persistent`], returning the descriptor still attached to the TAP. Closing it
-/// detaches the queue, and the kernel waits for an RCU grace period then (`synchronize_net`
-/// in tun's detach): from 0.05 ms to several ms on a busy host. It must be closed before the
-/// VMM opens the TAP (EBUSY otherwise: the TAP has a single queue).
-pub fn create_persistent_held(name: &str) -> Result<fs::File, TapError> {
+/// [`create_persistent`], keeping the descriptor that holds the TAP's queue.
+fn open_persistent(name: &str) -> Result<fs::File, TapError> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -608,7 +609,7 @@ mod tests {
     fn tap_attach_status_list_delete_in_a_namespace() {
         in_private_netns("tap_attach_status_list_delete_in_a_namespace", || {
             ip("link add br0 type bridge");
-            let tun = create_persistent_held("chv-t1").unwrap();
+            let tun = open_persistent("chv-t1").unwrap();
             // Held by us: a second creation names the holder.
             match create_persistent("chv-t1") {
                 Err(TapError::Busy { holder, .. }) => {

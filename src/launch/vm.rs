@@ -867,20 +867,12 @@ fn restore_inner(
     let st = &job.state;
     run::send_report(
         &mut w,
-        &Report {
-            ok: true,
-            code: 0,
-            reason: "running".into(),
-            message: String::new(),
-            extra: serde_json::json!({
-                "job_id": st.job_id, "state": "running", "restored_from": dir, "ip": st.ip,
-                "mac": st.mac, "tap": st.tap, "vmm_pid": st.vmm_pid,
-                "supervisor_pid": st.supervisor_pid, "restore_ms": restore_ms,
-                "total_ms": started.elapsed().as_millis() as u64, "run_dir": job.paths.dir,
-            }),
-            job_id: String::new(),
-            json: false,
-        },
+        &Report::running(serde_json::json!({
+            "job_id": st.job_id, "state": "running", "restored_from": dir, "ip": st.ip,
+            "mac": st.mac, "tap": st.tap, "vmm_pid": st.vmm_pid,
+            "supervisor_pid": st.supervisor_pid, "restore_ms": restore_ms,
+            "total_ms": started.elapsed().as_millis() as u64, "run_dir": job.paths.dir,
+        })),
     );
     drop(w);
     let watch = Watch {

@@ -1,4 +1,5 @@
-//! The Cloud Hypervisor process: spawning it, waiting for its socket, watching it, ending it.
+//! The Cloud Hypervisor process: spawning it (with its API socket already listening), watching
+//! it, ending it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
