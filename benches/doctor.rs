@@ -7,12 +7,14 @@
 
 #[path = "../tests/setup_support/seed_net.rs"]
 mod seed_net;
+mod support;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use seed_net::SEED_SETUP;
+use support::{median, ms};
 
 const RUNS: usize = 30;
 
@@ -82,15 +84,6 @@ fn time(mut c: Command) -> (Duration, Duration) {
         "benchmark command failed: {st}"
     );
     (d, cpu)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Child processes one doctor run starts, from `strace -f -e trace=execve`.
@@ -189,12 +182,12 @@ fn main() {
         script.push(w);
         script_cpu.push(c);
     }
-    let b = median(base);
-    let d = median(doc).saturating_sub(b);
-    let s = median(script).saturating_sub(b);
-    let bc = median(base_cpu);
-    let dc = median(doc_cpu).saturating_sub(bc);
-    let sc = median(script_cpu).saturating_sub(bc);
+    let b = median(&mut base);
+    let d = median(&mut doc).saturating_sub(b);
+    let s = median(&mut script).saturating_sub(b);
+    let bc = median(&mut base_cpu);
+    let dc = median(&mut doc_cpu).saturating_sub(bc);
+    let sc = median(&mut script_cpu).saturating_sub(bc);
     let kids = children(&ns.0, chvkit);
 
     let mut out = std::io::stdout().lock();

@@ -16,6 +16,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 #[path = "../tests/vmm/mod.rs"]
 mod vmm;
 
@@ -35,18 +36,11 @@ struct Layout {
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::{loadavg, median, ms};
+
 const OVERHEAD_RUNS: usize = 101;
 const DISK_RUNS: usize = 21;
 const PARALLEL: usize = 32;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn main() {
     if !common::is_root() {
@@ -128,13 +122,6 @@ fn wanted(section: &str) -> bool {
         .filter(|a| !a.starts_with('-'))
         .collect();
     picked.is_empty() || picked.iter().any(|a| a == section)
-}
-
-/// The 1, 5 and 15 minute load averages: single runs here vary 2-4x with the load.
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn sh(script: &str) -> String {

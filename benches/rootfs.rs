@@ -20,6 +20,8 @@
 //! `CHVKIT_BENCH_FILES` / `CHVKIT_BENCH_MB` change the tree size, `CHVKIT_BENCH_DIR` the place
 //! (default /var/tmp: a disk, like a real OUT; not tmpfs), `CHVKIT_BENCH_PACK_ONLY=1` skips 3.
 
+mod support;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use chvkit::rootfs::ext4;
+use support::{loadavg, median};
 
 fn env_num(k: &str, d: u64) -> u64 {
     std::env::var(k)
@@ -67,11 +70,6 @@ fn make_tree(root: &Path, files: u64, total: u64) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn time(f: impl FnOnce()) -> f64 {
     let t = Instant::now();
     f();
@@ -95,12 +93,6 @@ fn mkfs_plain(tree: &Path, img: &Path, size: u64, inodes: u64, features: Option<
         "mkfs: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Remove `img` and flush the filesystem holding `dir`, so the next timed run starts with no
@@ -180,11 +172,13 @@ fn compare(label: &str, tree: &Path, dir: &Path, runs: usize) {
     let only_host: Vec<&String> = hf.iter().filter(|f| !ff.contains(f)).collect();
     let only_fast: Vec<&String> = ff.iter().filter(|f| !hf.contains(f)).collect();
     let (mf, mh, ms) = (
-        median(fast.clone()),
-        median(host.clone()),
-        median(same.clone()),
+        median(&mut fast.clone()),
+        median(&mut host.clone()),
+        median(&mut same.clone()),
     );
-    let step = |f: &dyn Fn(&ext4::PackReport) -> f64| median(reports.iter().map(f).collect());
+    let step = |f: &dyn Fn(&ext4::PackReport) -> f64| {
+        median(&mut reports.iter().map(f).collect::<Vec<_>>())
+    };
     let fscks = reports.iter().filter(|r| r.e2fsck.is_some()).count();
     let r0 = &reports[0];
     println!("  pack, median of {runs} (runs: fast {fast:.2?} host {host:.2?} same {same:.2?}):");
@@ -296,7 +290,7 @@ fn main() {
         hits.push(time(|| j = run()));
         state = j["cache"].as_str().unwrap_or("?").to_string();
     }
-    let mh = median(hits.clone());
+    let mh = median(&mut hits.clone());
     println!(
         "cache: first build {cold:.2}s; unchanged rebuild (cache {state}) median {mh:.2}s (runs {hits:.2?}); goal <= 1 s: {}",
         if mh <= 1.0 { "met" } else { "NOT met" }

@@ -8,6 +8,8 @@
 //!    fsync + rename) against `curl -o FILE` followed by `sha256sum FILE` on the same bytes
 //!    from the same server. Goal: chvkit's throughput >= 0.9x the baseline's.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use support::{median, ms};
 
 const NOOP_RUNS: usize = 21;
 const DOWNLOAD_RUNS: usize = 7;
@@ -81,15 +84,6 @@ fn timed(mut c: Command) -> Duration {
         String::from_utf8_lossy(&o.stderr)
     );
     d
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn random(n: usize) -> Vec<u8> {
@@ -188,15 +182,15 @@ fn main() {
     let out = setup(&["--json"]).output().expect("spawn");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["changed"], 0, "not converged: {v}");
-    let noop: Vec<Duration> = (0..NOOP_RUNS).map(|_| timed(setup(&[]))).collect();
-    let enter: Vec<Duration> = (0..NOOP_RUNS)
+    let mut noop: Vec<Duration> = (0..NOOP_RUNS).map(|_| timed(setup(&[]))).collect();
+    let mut enter: Vec<Duration> = (0..NOOP_RUNS)
         .map(|_| {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", &ns.0, "true"]);
             timed(c)
         })
         .collect();
-    let (noop_m, enter_m) = (median(noop), median(enter));
+    let (noop_m, enter_m) = (median(&mut noop), median(&mut enter));
     println!(
         "setup no-op (converged namespace, {NOOP_RUNS} runs): median {:.1} ms, {:.1} ms without \
          namespace entry ({:.1} ms); goal <= 100 ms: {}",
@@ -261,7 +255,7 @@ fn main() {
     stop.store(true, Ordering::SeqCst);
     let installed = std::fs::read(&fw_path).expect("installed");
     assert_eq!(installed.len(), BIG);
-    let (o_m, b_m) = (median(ours), median(base));
+    let (o_m, b_m) = (median(&mut ours), median(&mut base));
     let mib = BIG as f64 / (1 << 20) as f64;
     let ratio = b_m.as_secs_f64() / o_m.as_secs_f64();
     println!(
