@@ -156,6 +156,13 @@ impl Env {
         self.root.path().join("run/chvkit")
     }
 
+    /// What is in the runtime dir (nothing when it does not exist).
+    fn runtime_entries(&self) -> Vec<std::ffi::OsString> {
+        fs::read_dir(self.runtime())
+            .map(|r| r.flatten().map(|d| d.file_name()).collect())
+            .unwrap_or_default()
+    }
+
     fn run_dir(&self, job: &str) -> PathBuf {
         self.runtime().join(job)
     }
@@ -577,9 +584,7 @@ fn cloud_hypervisor_launch_boot_failures_leave_nothing() {
         common::text(&o)
     );
     e.assert_clean("nok", None);
-    assert!(fs::read_dir(e.runtime())
-        .map(|r| r.count() == 0)
-        .unwrap_or(true));
+    assert!(e.runtime_entries().is_empty(), "{:?}", e.runtime_entries());
 
     // A kernel file the VMM cannot load: vm.boot fails once (never retried), with its message chain.
     let junk = e.work.path().join("junk-kernel");
@@ -1226,9 +1231,7 @@ fn cloud_hypervisor_launch_early_start_leaves_nothing_behind() {
             "{}",
             common::text(&o)
         );
-        let left: Vec<_> = fs::read_dir(e.runtime())
-            .map(|r| r.flatten().map(|d| d.file_name()).collect())
-            .unwrap_or_default();
+        let left = e.runtime_entries();
         assert!(
             left.is_empty(),
             "detach {detach}: left in the runtime dir: {left:?}"
@@ -1251,9 +1254,7 @@ fn cloud_hypervisor_launch_early_start_leaves_nothing_behind() {
     // error, and nothing left either.
     let o = e.launch("a b", &["--detach"]);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
-    let left: Vec<_> = fs::read_dir(e.runtime())
-        .map(|r| r.flatten().map(|d| d.file_name()).collect())
-        .unwrap_or_default();
+    let left = e.runtime_entries();
     assert!(left.is_empty(), "left in the runtime dir: {left:?}");
 
     // With the early start turned off (CHVKIT_EARLY_VMM=0) the supervisor is forked after the
