@@ -4,11 +4,16 @@
 set -euo pipefail
 
 need=()
-want() { # want COMMAND-OR-PATH PACKAGE
+wanted=()
+have() {
   case "$1" in
-    /*) [ -e "$1" ] || need+=("$2") ;;
-    *) command -v "$1" >/dev/null 2>&1 || need+=("$2") ;;
+    /*) [ -e "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
   esac
+}
+want() { # want COMMAND-OR-PATH PACKAGE
+  wanted+=("$1=$2")
+  have "$1" || need+=("$2")
 }
 want ip iproute2
 want bridge iproute2
@@ -21,6 +26,9 @@ want mkfs.ext4 e2fsprogs
 want debugfs e2fsprogs
 want busybox busybox-static
 want qemu-system-x86_64 qemu-system-x86
+# qemu-system-x86 from Debian 12 replaces a newer qemu-utils (from backports) and so removes
+# qemu-img: install both together so apt picks one matching pair.
+have qemu-system-x86_64 || need+=(qemu-utils)
 want cpio cpio
 want modinfo kmod
 want setcap libcap2-bin
@@ -34,6 +42,16 @@ want setpriv util-linux
 want qemu-img qemu-utils
 want mkfs.xfs xfsprogs
 want /usr/lib/x86_64-linux-gnu/libnftables.so.1 libnftables1
+# chvkit's own guest kernel (`make guest-kernel`): the distribution's kernel source and what
+# its build needs.
+want /usr/src/linux-source-6.12.tar.xz linux-source-6.12
+want flex flex
+want bison bison
+want bc bc
+want make make
+want gcc gcc
+want /usr/include/libelf.h libelf-dev
+want xz xz-utils
 # The QEMU guest harness boots Debian's cloud kernel.
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
 
@@ -51,3 +69,15 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}"
+
+# An install can remove what another package provided (qemu-system-x86 once took qemu-img):
+# check everything again and fail loudly rather than let a test skip later.
+missing=()
+for w in "${wanted[@]}"; do
+  have "${w%%=*}" || missing+=("${w%%=*} (package ${w#*=})")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test dependencies: still missing after install: ${missing[*]}" >&2
+  exit 1
+fi
+echo "test dependencies: all present"

@@ -37,6 +37,7 @@ pub enum Command {
     Setup(crate::setup::SetupArgs),
     Teardown(crate::setup::TeardownArgs),
     Rootfs(crate::rootfs::RootfsArgs),
+    Kernel(crate::kernel::KernelArgs),
     Launch(Box<crate::launch::LaunchArgs>),
     Vm(crate::launch::VmCommand),
     Gc(crate::launch::GcArgs),
@@ -46,7 +47,7 @@ pub enum Command {
 type AddArgs = fn(clap::Command) -> clap::Command;
 
 /// Each command: name, one-line help, and what adds its arguments.
-const COMMANDS: [(&str, &str, AddArgs); 7] = {
+const COMMANDS: [(&str, &str, AddArgs); 8] = {
     use clap::{Args, Subcommand};
     [
         (
@@ -68,6 +69,11 @@ const COMMANDS: [(&str, &str, AddArgs); 7] = {
             "rootfs",
             "Build a raw ext4 guest root filesystem from a Dockerfile or an OCI image",
             crate::rootfs::RootfsArgs::augment_args,
+        ),
+        (
+            "kernel",
+            "Provide the guest kernel the profile asks for (build, distro or path) and say where it is",
+            crate::kernel::KernelArgs::augment_args,
         ),
         (
             "launch",
@@ -131,6 +137,7 @@ impl clap::FromArgMatches for Command {
             "setup" => Command::Setup(FromArgMatches::from_arg_matches_mut(sub)?),
             "teardown" => Command::Teardown(FromArgMatches::from_arg_matches_mut(sub)?),
             "rootfs" => Command::Rootfs(FromArgMatches::from_arg_matches_mut(sub)?),
+            "kernel" => Command::Kernel(FromArgMatches::from_arg_matches_mut(sub)?),
             "launch" => Command::Launch(Box::new(FromArgMatches::from_arg_matches_mut(sub)?)),
             "vm" => Command::Vm(FromArgMatches::from_arg_matches_mut(sub)?),
             "gc" => Command::Gc(FromArgMatches::from_arg_matches_mut(sub)?),
@@ -221,6 +228,7 @@ pub fn main() -> i32 {
         Command::Setup(a) => crate::setup::run_setup(&ctx, a),
         Command::Teardown(a) => crate::setup::run_teardown(&ctx, a),
         Command::Rootfs(a) => crate::rootfs::run(&ctx, a),
+        Command::Kernel(a) => crate::kernel::run(&ctx, a),
         Command::Launch(a) => crate::launch::run_launch(&ctx, *a, early),
         Command::Vm(c) => crate::launch::run_vm(&ctx, c),
         Command::Gc(a) => crate::launch::run_gc(&ctx, a),

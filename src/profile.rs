@@ -84,8 +84,49 @@ pub struct Firmware {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
+    /// Where the guest kernel comes from. Absent: `path` when `path` is set, else `build`.
+    #[serde(default)]
+    pub source: Option<KernelSource>,
+    /// The kernel file for `source: path` (a PVH vmlinux or a bzImage).
     #[serde(default)]
     pub path: Option<AbsPath>,
+}
+
+/// Where `chvkit kernel` (and setup) gets the guest kernel.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelSource {
+    /// chvkit's own recipe (`guest/kernel/`) over the distribution's kernel source package:
+    /// runs on hardware KVM and on PVM hosts.
+    Build,
+    /// The host's installed distribution kernel plus a generated initramfs for its modules.
+    Distro,
+    /// A file the user gives in `kernel.path`.
+    Path,
+    /// chvkit provides no guest kernel: every launch names one (`--kernel`, `CHV_KERNEL_PATH`).
+    None,
+}
+
+impl KernelSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelSource::Build => "build",
+            KernelSource::Distro => "distro",
+            KernelSource::Path => "path",
+            KernelSource::None => "none",
+        }
+    }
+}
+
+impl Kernel {
+    /// The source in force (see [`Kernel::source`]).
+    pub fn source(&self) -> KernelSource {
+        match (self.source, &self.path) {
+            (Some(s), _) => s,
+            (None, Some(_)) => KernelSource::Path,
+            (None, None) => KernelSource::Build,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -185,6 +226,13 @@ impl Profile {
                     "gateway `{}` is not inside network.prefix `{}`",
                     self.network.gateway, self.network.prefix
                 ),
+            ));
+        }
+        if self.kernel.source == Some(KernelSource::Path) && self.kernel.path.is_none() {
+            return Err(sem(
+                "kernel.path",
+                "kernel.source is `path` but kernel.path is not set: name the vmlinux or bzImage"
+                    .into(),
             ));
         }
         if self.vm.vcpus == 0 {

@@ -1,12 +1,23 @@
-//! `chv.*`, `firmware.*`, `kernel.file` and `tools.rootfs`.
+//! `chv.*`, `firmware.*`, `kernel.file`, `kernel.guest` and `tools.rootfs`.
+//!
+//! The two kernel checks split the work: `kernel.file` judges the file *named* by
+//! `CHV_KERNEL_PATH` or the profile's `kernel.path` (is it there, is it a bzImage or a PVH ELF);
+//! `kernel.guest` judges the kernel launch boots when no `--kernel` is given (`CHV_KERNEL_PATH`,
+//! else the one `chvkit kernel` installed, else `kernel.path`): intact, bootable, its drivers,
+//! whether it runs on this host kind (PVM), and the command line launch gives it. When that
+//! kernel is the named file and kernel.file already FAILs it, kernel.guest SKIPs with the same
+//! fix instead of repeating the finding.
 
 use std::path::Path;
 
-use super::facts::{Artifact, Facts, ROOTFS_TOOLS};
-use super::report::Finding;
-use crate::host::files::KernelImage;
+use super::facts::{
+    Artifact, ConfigValue, Facts, Guest, GuestChoice, GuestKernel, GuestOrigin, ROOTFS_TOOLS,
+};
+use super::report::{Finding, Level};
+use crate::host::files::{FileFacts, KernelImage};
+use crate::kernel::cmdline;
 use crate::lockfile;
-use crate::profile::Version;
+use crate::profile::{KernelSource, Version};
 use crate::Context;
 
 const ADVISORY: &str = "GHSA-jmr4-g2hv-mjj6";
@@ -328,29 +339,85 @@ pub fn firmware_file(ctx: &Context, f: &Facts) -> Finding {
     checksum(&subject, a, f)
 }
 
-pub fn firmware_boot_mode(_ctx: &Context, f: &Facts) -> Finding {
+pub fn firmware_boot_mode(ctx: &Context, f: &Facts) -> Finding {
     const ID: &str = "firmware.boot_mode";
-    match &f.kernel {
-        Some(Some(k)) => Finding::pass(
+    // The kernel launch boots without --kernel: the named one, else the installed one.
+    let booted: Option<(String, &str)> = match (&f.kernel, &f.guest) {
+        (Some(Some(k)), _) => Some((
+            k.path.display().to_string(),
+            if k.from_env {
+                "CHV_KERNEL_PATH"
+            } else {
+                "profile kernel.path"
+            },
+        )),
+        (
+            _,
+            Some(Guest {
+                choice: GuestChoice::Kernel(g),
+                ..
+            }),
+        ) => Some((g.path.display().to_string(), g.origin.label())),
+        _ => None,
+    };
+    match (booted, &f.kernel) {
+        (Some((path, src)), _) => Finding::pass(
             ID,
             "direct kernel boot configured: raw ext4 root filesystems boot",
             format!(
-                "Guest kernel {} ({}). Firmware boot stays available for disks that carry an \
-                 EFI System Partition.",
-                k.path.display(),
-                if k.from_env { "CHV_KERNEL_PATH" } else { "profile kernel.path" }
+                "Guest kernel {path} ({src}; kernel.guest judges it). Firmware boot stays \
+                 available for disks that carry an EFI System Partition."
             ),
         ),
-        Some(None) => Finding::warn(
-            ID,
-            "no guest kernel configured: raw ext4 root filesystems cannot boot",
-            "rust-hypervisor-firmware holds no kernel: it boots only disks with a GPT EFI System \
-             Partition (a BLS entry or \\EFI\\BOOT\\BOOTX64.EFI) and stops with \"Unable to boot \
-             from any virtio-blk device\" otherwise. The raw ext4 images `chvkit rootfs` builds \
-             need direct kernel boot: set kernel.path in the profile or CHV_KERNEL_PATH.",
-            "export CHV_KERNEL_PATH=/path/to/vmlinux   # bzImage or PVH vmlinux with virtio-blk/net built in",
+        (None, Some(None)) => {
+            let installable = ctx.profile.kernel.source() != KernelSource::None;
+            Finding::warn(
+                ID,
+                "no guest kernel configured: raw ext4 root filesystems cannot boot",
+                format!(
+                    "rust-hypervisor-firmware holds no kernel: it boots only disks with a GPT EFI \
+                     System Partition (a BLS entry or \\EFI\\BOOT\\BOOTX64.EFI) and stops with \
+                     \"Unable to boot from any virtio-blk device\" otherwise. The raw ext4 images \
+                     `chvkit rootfs` builds need direct kernel boot: {}",
+                    if installable {
+                        "`chvkit kernel` installs the guest kernel the profile's kernel.source \
+                         names (or set CHV_KERNEL_PATH)."
+                    } else {
+                        "the profile's kernel.source is `none`, so name one with CHV_KERNEL_PATH \
+                         or `chvkit launch --kernel`."
+                    }
+                ),
+                if installable {
+                    "sudo chvkit kernel"
+                } else {
+                    "export CHV_KERNEL_PATH=/path/to/vmlinux   # bzImage or PVH vmlinux with virtio-blk/net built in"
+                },
+            )
+        }
+        _ => Finding::skip(ID, "not checked", "", "chvkit doctor --only firmware"),
+    }
+}
+
+/// kernel.file's fix for a named kernel file that is missing, unreadable or not bootable.
+fn named_kernel_fix(
+    path: &Path,
+    src: &str,
+    file: &FileFacts,
+    image: Option<&Result<KernelImage, String>>,
+) -> String {
+    if !file.is_file {
+        return format!(
+            "ls -l {}   # or point {src} at an existing kernel",
+            path.display()
+        );
+    }
+    match image {
+        Some(Ok(KernelImage::ElfNoPvh)) => format!(
+            "export CHV_KERNEL_PATH=/path/to/bzImage   # instead of {}",
+            path.display()
         ),
-        None => Finding::skip(ID, "not checked", "", "chvkit doctor --only firmware"),
+        Some(Err(_)) | None => format!("ls -l {}", path.display()),
+        _ => "export CHV_KERNEL_PATH=/path/to/bzImage".to_string(),
     }
 }
 
@@ -375,7 +442,8 @@ pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
         "kernel.path"
     };
     let pvm = if f.cpu.as_ref().is_some_and(|c| c.pvm) {
-        " On this PVM host only a kernel built for PVM guests runs (see cpu.virtualization)."
+        " On this PVM host only a kernel with chvkit's PVM changes reaches user space: \
+         kernel.guest says whether the kernel launch boots has them."
     } else {
         ""
     };
@@ -384,10 +452,7 @@ pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
             ID,
             format!("{} ({src}) not found", k.path.display()),
             format!("The guest kernel for direct boot must be a readable file.{pvm}"),
-            format!(
-                "ls -l {}   # or point {src} at an existing kernel",
-                k.path.display()
-            ),
+            named_kernel_fix(&k.path, src, &k.file, k.image.as_ref()),
         );
     }
     match &k.image {
@@ -438,6 +503,533 @@ pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
             format!("ls -l {}", k.path.display()),
         ),
         None => Finding::skip(ID, "not checked", "", "chvkit doctor --only kernel"),
+    }
+}
+
+/// What the judgement of the guest kernel needs from the profile and the host.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestHost<'a> {
+    /// `/dev/kvm` is PVM (`kvm_pvm` loaded).
+    pub pvm: bool,
+    /// The profile's `vm.cmdline`.
+    pub base_cmdline: &'a str,
+    /// The profile's `vm.memory_mib`.
+    pub memory_mib: u32,
+}
+
+/// Measured on the project's 2-core PVM hosts with the stock recipe (facts §5, docs/launch.md).
+/// The record carries no boot time, so doctor states this figure as an estimate.
+const PVM_BOOT_ESTIMATE: &str = "~50 s to /init";
+
+pub fn kernel_guest(ctx: &Context, f: &Facts) -> Finding {
+    let Some(g) = &f.guest else {
+        return Finding::skip(
+            "kernel.guest",
+            "not checked",
+            "",
+            "chvkit doctor --only kernel",
+        );
+    };
+    guest_verdict(
+        g,
+        &GuestHost {
+            pvm: f.cpu.as_ref().is_some_and(|c| c.pvm),
+            base_cmdline: &ctx.profile.vm.cmdline,
+            memory_mib: ctx.profile.vm.memory_mib,
+        },
+    )
+}
+
+/// The command line launch gives `k` on this host when the user adds none: composed by
+/// [`cmdline::compose`] exactly as launch does, then the per-job env disk's argument.
+pub fn guest_cmdline(k: &GuestKernel, h: &GuestHost<'_>) -> String {
+    let rec = k.record.as_ref();
+    let mut line = cmdline::compose(&cmdline::Parts {
+        base: h.base_cmdline,
+        kernel: rec.map_or("", |r| r.cmdline.as_str()),
+        user: None,
+        initramfs: rec.is_some_and(|r| r.initramfs.is_some()),
+        host: if h.pvm {
+            cmdline::HostKind::Pvm
+        } else {
+            cmdline::HostKind::Hardware
+        },
+    });
+    line.push(' ');
+    line.push_str(&crate::rootfs::envdisk::cmdline_arg(
+        crate::launch::config::ENV_DEVICE,
+    ));
+    line
+}
+
+/// One problem found with the guest kernel: the worst decides the finding's level, summary and
+/// fix; the others are listed in its detail.
+struct Issue {
+    level: Level,
+    summary: String,
+    hint: String,
+}
+
+fn build_needs(tarball: bool) -> String {
+    format!(
+        "kernel.source `build` compiles chvkit's recipe (guest/kernel/: Linux from Debian's \
+         `{pkg}`, PVH, virtio and ext4 built in, chvkit's PVM changes) into a vmlinux that runs \
+         on hardware KVM and on PVM hosts; it needs `{pkg}` installed ({tarball} is {}) and \
+         takes about 8 minutes on 2 cores.",
+        if tarball { "present" } else { "missing" },
+        pkg = crate::kernel::build::SOURCE_PACKAGE,
+        tarball = crate::kernel::build::SOURCE_TARBALL,
+    )
+}
+
+/// The verdict of `kernel.guest` from gathered facts (pure: tests construct the facts).
+pub fn guest_verdict(g: &Guest, h: &GuestHost<'_>) -> Finding {
+    const ID: &str = "kernel.guest";
+    const REINSTALL: &str = "sudo chvkit kernel";
+    const BUILD: &str = "sudo chvkit kernel --source build";
+    let src = g.source.as_str();
+    let k = match &g.choice {
+        GuestChoice::Unprovided => {
+            return Finding::skip(
+                ID,
+                "kernel.source is `none`: each launch names its kernel",
+                "chvkit provides no guest kernel: every `chvkit launch` names one (--kernel, \
+                 CHV_KERNEL_PATH or a config's kernel_path), so there is none to judge here. \
+                 kernel.source `build` has one installed that runs on hardware KVM and PVM hosts.",
+                "export CHV_KERNEL_PATH=/path/to/vmlinux   # or set kernel.source: build, then sudo chvkit kernel",
+            )
+        }
+        GuestChoice::NotInstalled { source_tarball } => {
+            let (how, hint) = match g.source {
+                KernelSource::Build => (
+                    build_needs(*source_tarball),
+                    if *source_tarball {
+                        REINSTALL.to_string()
+                    } else {
+                        format!(
+                            "sudo apt-get install -y {} && {REINSTALL}",
+                            crate::kernel::build::SOURCE_PACKAGE
+                        )
+                    },
+                ),
+                KernelSource::Distro if h.pvm => (
+                    "kernel.source `distro` installs the host's newest /boot/vmlinuz-* with a \
+                     generated initramfs, but this host's /dev/kvm is PVM: a distribution kernel \
+                     cannot reach user space here (facts: user-mode SYSCALL). kernel.source \
+                     `build` can."
+                        .to_string(),
+                    BUILD.to_string(),
+                ),
+                KernelSource::Distro => (
+                    "kernel.source `distro` installs the host's newest /boot/vmlinuz-* (unpacked \
+                     to a vmlinux) with a generated initramfs that loads its virtio and ext4 \
+                     modules; it takes seconds."
+                        .to_string(),
+                    REINSTALL.to_string(),
+                ),
+                _ => (String::new(), REINSTALL.to_string()),
+            };
+            return Finding::fail(
+                ID,
+                format!("no guest kernel installed (kernel.source: {src})"),
+                format!(
+                    "Launch without --kernel boots the kernel `chvkit kernel` (or setup) installs \
+                     under <state_dir>/kernel/; none is installed and the profile sets no \
+                     kernel.path, so launch would stop with \"no guest kernel installed\".\n{how}"
+                ),
+                hint,
+            );
+        }
+        GuestChoice::RecordError { path, error } => {
+            return Finding::fail(
+                ID,
+                format!("guest kernel record unreadable: {}", path.display()),
+                format!(
+                    "{error}. Launch stops on it too; `chvkit kernel` installs the kernel again \
+                     and rewrites the record."
+                ),
+                REINSTALL,
+            )
+        }
+        GuestChoice::Kernel(k) => k,
+    };
+
+    let shown = k.path.display().to_string();
+    let installed = k.origin == GuestOrigin::Installed;
+    let rec = k.record.as_ref();
+    // A named file that kernel.file already FAILs: depend on it rather than repeat it.
+    let format_ok = matches!(
+        k.image,
+        Some(Ok(KernelImage::ElfPvh | KernelImage::BzImage { .. }))
+    );
+    if !installed && (!k.file.is_file || !format_ok) {
+        let src_name = if k.origin == GuestOrigin::Env {
+            "CHV_KERNEL_PATH"
+        } else {
+            "kernel.path"
+        };
+        return Finding::skip(
+            ID,
+            format!("{shown} ({}) is not a bootable kernel", k.origin.label()),
+            "Depends on kernel.file, which says what is wrong with this file (its fix applies).",
+            named_kernel_fix(&k.path, src_name, &k.file, k.image.as_ref()),
+        );
+    }
+    let record_note = format!(
+        "the record {}",
+        rec.map_or(String::new(), |r| format!("of {}", r.origin))
+    );
+    // An installed kernel that is not intact: reinstall. (A stat and the ELF headers only: the
+    // sha256 is `chvkit kernel`'s job; doctor must stay fast.)
+    if installed {
+        let broken = if !k.file.exists {
+            Some(format!("{shown} (installed by `chvkit kernel`) is missing"))
+        } else if !k.file.is_file {
+            Some(format!(
+                "{shown} (installed by `chvkit kernel`) is not a regular file"
+            ))
+        } else {
+            match &k.image {
+                Some(Err(e)) => Some(format!("cannot read {shown}: {e}")),
+                Some(Ok(KernelImage::ElfPvh)) => None,
+                Some(Ok(KernelImage::BzImage { .. })) => None,
+                Some(Ok(KernelImage::ElfNoPvh)) => Some(format!(
+                    "{shown}: ELF without a PVH entry note (not bootable)"
+                )),
+                Some(Ok(KernelImage::ElfUnsupported)) => {
+                    Some(format!("{shown}: 32-bit or big-endian ELF (not bootable)"))
+                }
+                Some(Ok(KernelImage::Unknown)) | None => {
+                    Some(format!("{shown}: not a kernel image"))
+                }
+            }
+        };
+        if let Some(summary) = broken {
+            return Finding::fail(
+                ID,
+                summary,
+                format!(
+                    "Launch without --kernel boots this file ({record_note}); it is not the \
+                     vmlinux `chvkit kernel` installed. `chvkit kernel` verifies the installed \
+                     files' sha256 and installs them again."
+                ),
+                REINSTALL,
+            );
+        }
+    }
+    if let (Some(want), Some(have)) = (k.implied_size, k.file.size) {
+        if have < want {
+            return Finding::fail(
+                ID,
+                format!("{shown} is truncated: {have} bytes, its ELF headers need {want}"),
+                format!(
+                    "A cut-off copy boots partway or not at all ({}).",
+                    k.origin.label()
+                ),
+                if installed {
+                    REINSTALL.to_string()
+                } else {
+                    format!("ls -l {shown}   # copy it again from where it was built")
+                },
+            );
+        }
+    }
+
+    let mut issues: Vec<Issue> = Vec::new();
+    let mut detail: Vec<String> = Vec::new();
+
+    // What it is and where it comes from.
+    let format = match &k.image {
+        Some(Ok(KernelImage::BzImage { .. })) => "bzImage",
+        _ => "PVH vmlinux",
+    };
+    let version = rec
+        .and_then(|r| r.linux_version.clone())
+        .or_else(|| match &k.image {
+            Some(Ok(KernelImage::BzImage { version: Some(v) })) => {
+                v.split_whitespace().next().map(str::to_string)
+            }
+            _ => None,
+        });
+    let from = match rec {
+        Some(r) => format!(
+            "installed by `chvkit kernel`, source {}: {}",
+            r.source, r.origin
+        ),
+        None => k.origin.label().to_string(),
+    };
+    detail.push(format!(
+        "kernel: {shown} ({from}); {format}{}.",
+        version
+            .as_deref()
+            .map(|v| format!(", Linux {v}"))
+            .unwrap_or_default()
+    ));
+    if let Some(o) = &k.overrides {
+        detail.push(format!(
+            "CHV_KERNEL_PATH overrides the installed kernel {}.",
+            o.display()
+        ));
+    }
+    if let Some(r) = rec {
+        if r.source != src {
+            detail.push(format!(
+                "Installed with source `{}`; the profile's kernel.source is `{src}` \
+                 (`chvkit kernel` without --source would replace it).",
+                r.source
+            ));
+        }
+        if let Some(m) = k.mtime {
+            if m > r.installed_at.saturating_add(1) {
+                issues.push(Issue {
+                    level: Level::Warn,
+                    summary: format!("{shown} changed after `chvkit kernel` installed it"),
+                    hint: REINSTALL.to_string(),
+                });
+                detail.push(format!(
+                    "The file was modified at unix time {m}, after the record's installed_at \
+                     {}: the record (PVM changes, sha256) may not describe it.",
+                    r.installed_at
+                ));
+            }
+        }
+    }
+    if k.origin == GuestOrigin::ProfilePath && g.source != KernelSource::None {
+        detail.push(format!(
+            "Nothing is installed (kernel.source `{src}`), so launch boots kernel.path as it is; \
+             `sudo chvkit kernel` would install and record it."
+        ));
+    }
+    if matches!(k.image, Some(Ok(KernelImage::BzImage { .. }))) {
+        detail.push(format!(
+            "Cloud Hypervisor boots a bzImage as it is; `sudo chvkit kernel --path {shown}` \
+             unpacks it into a recorded vmlinux (doctor can then tell whether it carries chvkit's \
+             PVM changes)."
+        ));
+    }
+
+    // Drivers: the root disk on virtio-blk (PCI), ext4, the network on virtio-net.
+    match rec.map(|r| r.source.as_str()) {
+        Some("build") => detail.push(
+            "drivers: virtio-pci, virtio-blk, virtio-net, virtio-console and ext4 are built in \
+             (chvkit's recipe)."
+                .to_string(),
+        ),
+        Some("distro") => match &k.initramfs {
+            Some((p, f)) if f.is_file => detail.push(format!(
+                "drivers: the distribution kernel's virtio and ext4 modules are loaded by the \
+                 initramfs {}.",
+                p.display()
+            )),
+            Some((p, _)) => {
+                return Finding::fail(
+                    ID,
+                    format!("the initramfs {} is missing", p.display()),
+                    format!(
+                        "The distribution kernel {shown} has its virtio and ext4 drivers as \
+                         modules; without the initramfs `chvkit kernel` generated it cannot \
+                         mount the root disk."
+                    ),
+                    REINSTALL,
+                )
+            }
+            None => {
+                return Finding::fail(
+                    ID,
+                    "the distro kernel's record names no initramfs",
+                    format!(
+                        "The distribution kernel {shown} has its virtio and ext4 drivers as \
+                         modules and needs the initramfs `chvkit kernel` generates."
+                    ),
+                    REINSTALL,
+                )
+            }
+        },
+        _ => match &k.config {
+            Some(c) => {
+                let of = |v: ConfigValue| -> Vec<&str> {
+                    c.options
+                        .iter()
+                        .filter(|(_, x)| *x == v)
+                        .map(|(o, _)| *o)
+                        .collect()
+                };
+                let (unset, module) = (of(ConfigValue::Unset), of(ConfigValue::Module));
+                let built = of(ConfigValue::BuiltIn);
+                detail.push(format!(
+                    "drivers (from {}): built in: {}; modules: {}; not set: {}.",
+                    c.path.display(),
+                    list_or_none(&built),
+                    list_or_none(&module),
+                    list_or_none(&unset)
+                ));
+                if !unset.is_empty() {
+                    issues.push(Issue {
+                        level: Level::Fail,
+                        summary: format!("{shown} lacks {}", unset.join(", ")),
+                        hint: BUILD.to_string(),
+                    });
+                    detail.push(
+                        "Without them the guest cannot find or mount its root disk (virtio-blk \
+                         over virtio-pci, ext4) or has no network (virtio-net)."
+                            .to_string(),
+                    );
+                } else if !module.is_empty() {
+                    issues.push(Issue {
+                        level: Level::Warn,
+                        summary: format!(
+                            "{shown} has {} as modules: it needs an initramfs",
+                            module.join(", ")
+                        ),
+                        hint: BUILD.to_string(),
+                    });
+                    detail.push(
+                        "Launch gives this kernel no initramfs unless `--initramfs FILE` names \
+                         one; without one that loads the modules the root disk does not mount. \
+                         kernel.source `distro` generates one; `build` builds them in."
+                            .to_string(),
+                    );
+                }
+            }
+            None => detail.push(format!(
+                "drivers: cannot be verified without the kernel's config (looked for {}); it \
+                 needs virtio-pci, virtio-blk, virtio-net and ext4 built in (=y), or an \
+                 initramfs that loads them.",
+                if k.config_searched.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    k.config_searched
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )),
+        },
+    }
+
+    // The host kind.
+    let line = guest_cmdline(k, h);
+    let mut pvm_ready = false;
+    if h.pvm {
+        let ready = rec
+            .map(|r| Ok(r.pvm_ready))
+            .or_else(|| k.pvm_marker.clone());
+        let fix = if k.origin == GuestOrigin::Env {
+            format!("unset CHV_KERNEL_PATH; {BUILD}")
+        } else {
+            BUILD.to_string()
+        };
+        match ready {
+            Some(Ok(true)) => {
+                pvm_ready = true;
+                detail.push(
+                    "host: /dev/kvm is PVM, and this kernel carries chvkit's PVM changes (it \
+                     handles PVM's user-mode SYSCALL and avoids what the emulator lacks)."
+                        .to_string(),
+                );
+            }
+            Some(Ok(false)) => {
+                issues.push(Issue {
+                    level: Level::Fail,
+                    summary: format!(
+                        "{shown} lacks chvkit's PVM changes: it cannot reach user space on this \
+                         PVM host"
+                    ),
+                    hint: fix,
+                });
+                detail.push(
+                    "this host's /dev/kvm is PVM: an unmodified kernel cannot reach user space \
+                     here (facts: user-mode SYSCALL). PVM enters the guest's system call entry \
+                     without switching to kernel mode, so init's first system call faults and \
+                     init dies with SIGSEGV. chvkit's recipe (kernel.source `build`) carries the \
+                     fix."
+                        .to_string(),
+                );
+            }
+            Some(Err(e)) => {
+                issues.push(Issue {
+                    level: Level::Warn,
+                    summary: format!("cannot tell whether {shown} runs on this PVM host"),
+                    hint: fix,
+                });
+                detail.push(format!(
+                    "host: /dev/kvm is PVM; reading the kernel for chvkit's PVM marker failed: \
+                     {e}."
+                ));
+            }
+            None => {
+                issues.push(Issue {
+                    level: Level::Warn,
+                    summary: format!(
+                        "cannot tell whether {shown} carries chvkit's PVM changes (compressed)"
+                    ),
+                    hint: format!("sudo chvkit kernel --path {shown}"),
+                });
+                detail.push(
+                    "host: /dev/kvm is PVM, where only a kernel with chvkit's PVM changes reaches \
+                     user space; a bzImage's payload is compressed, so doctor cannot see whether \
+                     it has them. `chvkit kernel --path FILE` unpacks and records it; \
+                     `chvkit kernel --source build` builds one that has them."
+                        .to_string(),
+                );
+            }
+        }
+    } else {
+        detail.push("host: hardware KVM runs the kernel unmodified.".to_string());
+    }
+    detail.push(format!("command line (launch without --cmdline): {line}"));
+    let estimate = pvm_ready.then(|| format!("{PVM_BOOT_ESTIMATE} (estimate)"));
+    if pvm_ready {
+        detail.push(format!(
+            "boot time: an estimate, not measured on this host: {PVM_BOOT_ESTIMATE} at 512 MiB \
+             with 1 vCPU (~40 s at 128 MiB) with the stock recipe on a 2-core PVM host, memory \
+             init growing with RAM; this profile's vm.memory_mib is {}. See docs/launch.md.",
+            h.memory_mib
+        ));
+    }
+    let detail = detail.join("\n");
+
+    let worst = issues.iter().map(|i| i.level).max();
+    match worst {
+        None => {
+            let what = match (&version, rec) {
+                (Some(v), Some(r)) => format!("Linux {v} ({}, installed)", r.source),
+                (Some(v), None) => format!("Linux {v} ({})", k.origin.label()),
+                (None, Some(r)) => format!("{format} ({}, installed)", r.source),
+                (None, None) => format!("{format} ({})", k.origin.label()),
+            };
+            let tail = match estimate {
+                Some(e) => format!(", PVM-ready; {e}"),
+                None => String::new(),
+            };
+            Finding::pass(ID, format!("{shown}: {what}{tail}"), detail)
+        }
+        Some(level) => {
+            let first = issues
+                .iter()
+                .find(|i| i.level == level)
+                .expect("the worst level is some issue's");
+            let others: Vec<&str> = issues
+                .iter()
+                .filter(|i| !std::ptr::eq(*i, first))
+                .map(|i| i.summary.as_str())
+                .collect();
+            let detail = if others.is_empty() {
+                detail
+            } else {
+                format!("{detail}\nAlso: {}.", others.join("; "))
+            };
+            Finding::new(ID, level, first.summary.clone(), detail, first.hint.clone())
+        }
+    }
+}
+
+fn list_or_none(v: &[&str]) -> String {
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(", ")
     }
 }
 

@@ -2,7 +2,7 @@
 //! running `cloud-hypervisor --version`, creating a KVM VM) overlap with the netlink and
 //! nftables reads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::host::cpu::CpuFacts;
@@ -12,7 +12,9 @@ use crate::host::net::NetSnapshot;
 use crate::host::nft::{NftError, Ruleset};
 use crate::host::sysctl::Sysctls;
 use crate::host::tools::{self, ToolFacts};
+use crate::kernel::installed::{self, Installed};
 use crate::lockfile::{self, ArtifactLock};
+use crate::profile::KernelSource;
 use crate::Context;
 
 /// What a set of checks needs read.
@@ -28,6 +30,22 @@ pub mod need {
     pub const NET: u32 = 1 << 8;
     pub const NFT: u32 = 1 << 9;
     pub const TOOLS: u32 = 1 << 10;
+    /// The guest kernel launch boots by default (`kernel.guest`). With [`CPU`] also read, on a
+    /// PVM host an unrecorded ELF kernel is scanned for chvkit's PVM marker.
+    pub const GUEST: u32 = 1 << 11;
+}
+
+/// Where doctor reads `/sys/module` (the `kvm_*` modules: PVM or hardware KVM) from:
+/// `CHVKIT_SYS_MODULE` when set and not empty, else the running host's. A test hook, like
+/// `CHVKIT_LIBNFTABLES`: integration tests point doctor at a fake PVM (`<dir>/kvm_pvm/`) or
+/// hardware host. Launch and `chvkit kernel` always read the real `/sys/module`.
+pub const SYS_MODULE_ENV: &str = "CHVKIT_SYS_MODULE";
+
+fn sys_module() -> PathBuf {
+    std::env::var_os(SYS_MODULE_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/module"))
 }
 
 /// The rootfs tools and the Debian packages that ship them.
@@ -58,6 +76,135 @@ pub struct Kernel {
     pub image: Option<Result<KernelImage, String>>,
 }
 
+/// Where the kernel launch boots (when no `--kernel` is given) comes from, in launch's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestOrigin {
+    /// `CHV_KERNEL_PATH`: wins over everything.
+    Env,
+    /// The record `chvkit kernel` (or setup) wrote under `<state_dir>/kernel/`.
+    Installed,
+    /// The profile's `kernel.path`, as it is (nothing installed, or `kernel.source: none`).
+    ProfilePath,
+}
+
+impl GuestOrigin {
+    pub fn label(self) -> &'static str {
+        match self {
+            GuestOrigin::Env => "CHV_KERNEL_PATH",
+            GuestOrigin::Installed => "installed by `chvkit kernel`",
+            GuestOrigin::ProfilePath => "profile kernel.path",
+        }
+    }
+}
+
+/// A `CONFIG_*` value as a kernel's config file states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigValue {
+    BuiltIn,
+    Module,
+    Unset,
+}
+
+/// The options a chvkit guest needs built in (or loaded by an initramfs).
+pub const DRIVER_OPTIONS: [&str; 4] = [
+    "CONFIG_VIRTIO_PCI",
+    "CONFIG_VIRTIO_BLK",
+    "CONFIG_VIRTIO_NET",
+    "CONFIG_EXT4_FS",
+];
+
+/// The driver options read from a kernel's config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub path: PathBuf,
+    /// [`DRIVER_OPTIONS`] in order.
+    pub options: Vec<(&'static str, ConfigValue)>,
+}
+
+impl KernelConfig {
+    /// Read [`DRIVER_OPTIONS`] from a config file (`CONFIG_X=y`, `=m`, `# CONFIG_X is not set`).
+    pub fn read(path: &Path) -> std::io::Result<KernelConfig> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(KernelConfig::parse(path, &text))
+    }
+
+    pub fn parse(path: &Path, text: &str) -> KernelConfig {
+        let mut options: Vec<(&'static str, ConfigValue)> = DRIVER_OPTIONS
+            .iter()
+            .map(|o| (*o, ConfigValue::Unset))
+            .collect();
+        for line in text.lines() {
+            let Some((k, v)) = line.trim().split_once('=') else {
+                continue;
+            };
+            if let Some(slot) = options.iter_mut().find(|(o, _)| *o == k) {
+                slot.1 = match v.trim() {
+                    "y" => ConfigValue::BuiltIn,
+                    "m" => ConfigValue::Module,
+                    _ => ConfigValue::Unset,
+                };
+            }
+        }
+        KernelConfig {
+            path: path.to_path_buf(),
+            options,
+        }
+    }
+}
+
+/// The kernel file launch would boot, as read (stat and headers only; never hashed).
+#[derive(Debug, Clone)]
+pub struct GuestKernel {
+    pub origin: GuestOrigin,
+    /// The record, for [`GuestOrigin::Installed`].
+    pub record: Option<Installed>,
+    /// The kernel on this host (with the `--root` prefix).
+    pub path: PathBuf,
+    pub file: FileFacts,
+    /// Modification time, Unix seconds.
+    pub mtime: Option<u64>,
+    pub image: Option<Result<KernelImage, String>>,
+    /// For an ELF: the size its headers say the file has at least (end of the section header
+    /// table and of every segment). A smaller file is truncated.
+    pub implied_size: Option<u64>,
+    /// The record's initramfs (with the prefix) and its stat.
+    pub initramfs: Option<(PathBuf, FileFacts)>,
+    /// Read only on a PVM host for a kernel without a record: whether the file carries
+    /// [`installed::PVM_MARKER`] (an ~18 MiB scan).
+    pub pvm_marker: Option<Result<bool, String>>,
+    /// For a kernel of unknown recipe (no record, or a record of source `path`): the config
+    /// found beside it or in `/boot`, and where doctor looked.
+    pub config: Option<KernelConfig>,
+    pub config_searched: Vec<PathBuf>,
+    /// With [`GuestOrigin::Env`]: the installed kernel `CHV_KERNEL_PATH` overrides.
+    pub overrides: Option<PathBuf>,
+}
+
+/// What launch would boot without `--kernel`.
+#[derive(Debug, Clone)]
+pub enum GuestChoice {
+    /// `kernel.source: none` and nothing named: each launch names its kernel.
+    Unprovided,
+    /// The profile asks for a source but nothing is installed and no `kernel.path` is set.
+    NotInstalled {
+        /// For `build`: whether the kernel source tarball is present.
+        source_tarball: bool,
+    },
+    /// The record exists but cannot be read.
+    RecordError {
+        path: PathBuf,
+        error: String,
+    },
+    Kernel(Box<GuestKernel>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// The profile's `kernel.source` in force.
+    pub source: KernelSource,
+    pub choice: GuestChoice,
+}
+
 #[derive(Debug)]
 pub struct Facts {
     pub user: UserIdentity,
@@ -69,6 +216,7 @@ pub struct Facts {
     pub lock: Option<Result<Option<ArtifactLock>, String>>,
     /// `None` inside when no kernel is configured.
     pub kernel: Option<Option<Kernel>>,
+    pub guest: Option<Guest>,
     pub net: Option<Result<NetSnapshot, String>>,
     pub sysctl: Sysctls,
     pub ruleset: Option<Result<Ruleset, NftError>>,
@@ -137,6 +285,7 @@ impl Facts {
             lock_path: lock_path.clone(),
             lock: None,
             kernel: None,
+            guest: None,
             net: None,
             sysctl: Sysctls::new(),
             ruleset: None,
@@ -189,8 +338,14 @@ impl Facts {
                 .then(|| s.spawn(|| timed("rootfs tools", || tools::probe(ROOTFS_TOOLS))));
 
             if has(need::CPU) {
-                f.cpu = Some(timed("cpu", CpuFacts::read));
+                f.cpu = Some(timed("cpu", || {
+                    CpuFacts::read_from(Path::new("/proc/cpuinfo"), &sys_module())
+                }));
             }
+            // After the CPU facts: on a PVM host an unrecorded kernel is scanned for the marker.
+            let scan_pvm = f.cpu.as_ref().is_some_and(|c| c.pvm);
+            let guest_job = has(need::GUEST)
+                .then(|| s.spawn(move || timed("guest kernel", || guest(ctx, scan_pvm))));
             if has(need::NET) {
                 f.net = Some(timed("netlink", || {
                     NetSnapshot::read().map_err(|e| e.to_string())
@@ -231,8 +386,292 @@ impl Facts {
             if let Some(j) = tools_job {
                 f.tools = j.join().ok();
             }
+            if let Some(j) = guest_job {
+                f.guest = j.join().ok();
+            }
         });
         f.elapsed = start.elapsed();
         f
+    }
+}
+
+/// Launch's choice of kernel without `--kernel` (see `launch::config::installed_boot`):
+/// `CHV_KERNEL_PATH`, else the installed record (unless `kernel.source` is `none`), else the
+/// profile's `kernel.path`.
+pub fn guest(ctx: &Context, scan_pvm: bool) -> Guest {
+    let p = &ctx.profile;
+    let source = p.kernel.source();
+    let record = || match installed::load(p, &ctx.root) {
+        Ok(r) => Ok(r),
+        Err(e) => Err((installed::record_path(p, &ctx.root), e.to_string())),
+    };
+    let env = std::env::var_os("CHV_KERNEL_PATH")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let choice = if let Some(e) = env {
+        let mut k = guest_kernel(ctx, GuestOrigin::Env, ctx.root.path(e), None, scan_pvm);
+        if source != KernelSource::None {
+            k.overrides = record().ok().flatten().map(|r| ctx.root.path(&r.vmlinux));
+        }
+        GuestChoice::Kernel(Box::new(k))
+    } else {
+        let rec = if source == KernelSource::None {
+            Ok(None)
+        } else {
+            record()
+        };
+        match rec {
+            Err((path, error)) => GuestChoice::RecordError { path, error },
+            Ok(Some(r)) => GuestChoice::Kernel(Box::new(guest_kernel(
+                ctx,
+                GuestOrigin::Installed,
+                ctx.root.path(&r.vmlinux),
+                Some(r),
+                scan_pvm,
+            ))),
+            Ok(None) => match &p.kernel.path {
+                Some(kp) => GuestChoice::Kernel(Box::new(guest_kernel(
+                    ctx,
+                    GuestOrigin::ProfilePath,
+                    ctx.root.path(kp.as_path()),
+                    None,
+                    scan_pvm,
+                ))),
+                None if source == KernelSource::None => GuestChoice::Unprovided,
+                None => GuestChoice::NotInstalled {
+                    source_tarball: source == KernelSource::Build && {
+                        let t = crate::kernel::build::SOURCE_TARBALL;
+                        ctx.root.path(t).is_file() || Path::new(t).is_file()
+                    },
+                },
+            },
+        }
+    };
+    Guest { source, choice }
+}
+
+fn guest_kernel(
+    ctx: &Context,
+    origin: GuestOrigin,
+    path: PathBuf,
+    record: Option<Installed>,
+    scan_pvm: bool,
+) -> GuestKernel {
+    let md = std::fs::metadata(&path).ok();
+    let file = FileFacts::stat(&path);
+    let mtime = md
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let image = file
+        .is_file
+        .then(|| files::sniff_kernel(&path).map_err(|e| e.to_string()));
+    let elf = matches!(image, Some(Ok(KernelImage::ElfPvh | KernelImage::ElfNoPvh)));
+    let implied_size = elf.then(|| elf_implied_size(&path)).flatten();
+    let initramfs = record.as_ref().and_then(|r| r.initramfs.as_ref()).map(|i| {
+        let p = ctx.root.path(i);
+        let f = FileFacts::stat(&p);
+        (p, f)
+    });
+    // The marker is plain text only in an uncompressed vmlinux; a record already says.
+    let pvm_marker = (scan_pvm
+        && record.is_none()
+        && matches!(image, Some(Ok(KernelImage::ElfPvh))))
+    .then(|| {
+        timed("PVM marker scan", || {
+            installed::file_has_pvm_marker(&path).map_err(|e| e.to_string())
+        })
+    });
+    // The drivers of a kernel chvkit did not build or pair with an initramfs are unknown
+    // without its config.
+    let unknown_recipe = record.as_ref().is_none_or(|r| r.source == "path");
+    let (config, config_searched) = if unknown_recipe && file.is_file {
+        find_config(ctx, &path, record.as_ref(), image.as_ref())
+    } else {
+        (None, Vec::new())
+    };
+    GuestKernel {
+        origin,
+        record,
+        path,
+        file,
+        mtime,
+        image,
+        implied_size,
+        initramfs,
+        pvm_marker,
+        config,
+        config_searched,
+        overrides: None,
+    }
+}
+
+/// The kernel release a file is for: the record's, a bzImage header's, or the file name's
+/// (`vmlinuz-<release>`, `vmlinux-<release>`).
+fn release_of(
+    path: &Path,
+    record: Option<&Installed>,
+    image: Option<&Result<KernelImage, String>>,
+) -> Option<String> {
+    if let Some(v) = record.and_then(|r| r.linux_version.clone()) {
+        return Some(v);
+    }
+    if let Some(Ok(KernelImage::BzImage { version: Some(v) })) = image {
+        if let Some(w) = v.split_whitespace().next() {
+            return Some(w.to_string());
+        }
+    }
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("vmlinuz-")
+        .or_else(|| name.strip_prefix("vmlinux-"))
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// Look for the kernel's config: `config-<release>` beside it and in `/boot` (under `--root`),
+/// then `.config` and `config` beside it (a build tree; the fixture layout). For a record of
+/// source `path` the user's original file's directory is searched too.
+fn find_config(
+    ctx: &Context,
+    path: &Path,
+    record: Option<&Installed>,
+    image: Option<&Result<KernelImage, String>>,
+) -> (Option<KernelConfig>, Vec<PathBuf>) {
+    let release = release_of(path, record, image);
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(r) = record {
+        let o = Path::new(&r.origin);
+        if o.is_absolute() {
+            if let Some(d) = o.parent() {
+                dirs.push(ctx.root.path(d));
+            }
+        }
+    }
+    if let Some(d) = path.parent() {
+        dirs.push(d.to_path_buf());
+    }
+    let mut candidates = Vec::new();
+    if let Some(v) = &release {
+        for d in &dirs {
+            candidates.push(d.join(format!("config-{v}")));
+        }
+        candidates.push(ctx.root.path(format!("/boot/config-{v}")));
+    }
+    for d in &dirs {
+        candidates.push(d.join(".config"));
+        candidates.push(d.join("config"));
+    }
+    candidates.dedup();
+    for c in &candidates {
+        if c.is_file() {
+            if let Ok(k) = KernelConfig::read(c) {
+                return (Some(k), candidates);
+            }
+        }
+    }
+    (None, candidates)
+}
+
+/// The size an ELF64 little-endian file's headers say it has at least: the end of its section
+/// header table and of every segment's bytes in the file. Reads the headers only.
+pub fn elf_implied_size(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let mut h = [0u8; 64];
+    f.read_exact_at(&mut h, 0).ok()?;
+    if h[..4] != *b"\x7fELF" || h[4] != 2 || h[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| u64::from(u16::from_le_bytes([b[o], b[o + 1]]));
+    let u64_at = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a)
+    };
+    let (phoff, shoff) = (u64_at(&h, 0x20), u64_at(&h, 0x28));
+    let (phentsize, phnum) = (u16_at(&h, 0x36), u16_at(&h, 0x38));
+    let (shentsize, shnum) = (u16_at(&h, 0x3a), u16_at(&h, 0x3c));
+    let mut end = 64u64;
+    if shnum > 0 {
+        end = end.max(shoff.saturating_add(shentsize * shnum));
+    }
+    if phnum > 0 {
+        end = end.max(phoff.saturating_add(phentsize * phnum));
+    }
+    if phentsize >= 56 && phnum > 0 && phnum <= 4096 {
+        let mut ph = vec![0u8; usize::try_from(phentsize * phnum).ok()?];
+        if f.read_exact_at(&mut ph, phoff).is_ok() {
+            for e in ph.chunks_exact(usize::try_from(phentsize).ok()?) {
+                let (off, filesz) = (u64_at(e, 0x08), u64_at(e, 0x20));
+                if filesz > 0 {
+                    end = end.max(off.saturating_add(filesz));
+                }
+            }
+        }
+    }
+    Some(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_values() {
+        let k = KernelConfig::parse(
+            Path::new("/boot/config-x"),
+            "CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=m\n# CONFIG_VIRTIO_NET is not set\n\
+             CONFIG_EXT4_FS=y\nCONFIG_EXT4_FS_POSIX_ACL=y\n",
+        );
+        assert_eq!(
+            k.options,
+            vec![
+                ("CONFIG_VIRTIO_PCI", ConfigValue::BuiltIn),
+                ("CONFIG_VIRTIO_BLK", ConfigValue::Module),
+                ("CONFIG_VIRTIO_NET", ConfigValue::Unset),
+                ("CONFIG_EXT4_FS", ConfigValue::BuiltIn),
+            ]
+        );
+    }
+
+    #[test]
+    fn implied_size_finds_truncation() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        // ELF header + one PT_LOAD of 1000 bytes at offset 4096.
+        let mut f = vec![0u8; 64 + 56];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        f[64..68].copy_from_slice(&1u32.to_le_bytes());
+        f[64 + 8..64 + 16].copy_from_slice(&4096u64.to_le_bytes());
+        f[64 + 32..64 + 40].copy_from_slice(&1000u64.to_le_bytes());
+        std::fs::write(&p, &f).unwrap();
+        assert_eq!(elf_implied_size(&p), Some(5096));
+        std::fs::write(
+            &p,
+            b"not an elf at all, not at all, not at all, not at all, no",
+        )
+        .unwrap();
+        assert_eq!(elf_implied_size(&p), None);
+    }
+
+    #[test]
+    fn release_from_names() {
+        assert_eq!(
+            release_of(Path::new("/boot/vmlinuz-6.1.0-57-cloud-amd64"), None, None).as_deref(),
+            Some("6.1.0-57-cloud-amd64")
+        );
+        let bz = Ok(KernelImage::BzImage {
+            version: Some("6.12.118 (x@y) #1".into()),
+        });
+        assert_eq!(
+            release_of(Path::new("/k/bzImage"), None, Some(&bz)).as_deref(),
+            Some("6.12.118")
+        );
+        assert_eq!(release_of(Path::new("/k/vmlinux"), None, None), None);
     }
 }

@@ -69,13 +69,18 @@ pub const CHECKS: &[(&str, u32, CheckFn)] = &[
     ),
     (
         "firmware.boot_mode",
-        need::KERNEL,
+        need::KERNEL | need::GUEST,
         artifacts::firmware_boot_mode,
     ),
     (
         "kernel.file",
         need::KERNEL | need::CPU,
         artifacts::kernel_file,
+    ),
+    (
+        "kernel.guest",
+        need::GUEST | need::CPU,
+        artifacts::kernel_guest,
     ),
     ("net.bridge", need::NET, |c, f| Net::new(c, f).bridge()),
     ("net.bridge_up", need::NET, |c, f| {
@@ -199,6 +204,7 @@ mod tests {
             "chv.checksum",
             "firmware.file",
             "kernel.file",
+            "kernel.guest",
             "net.bridge",
             "net.bridge_up",
             "net.bridge_addr",

@@ -279,54 +279,46 @@ pub fn resolve(ctx: &Context, a: &LaunchArgs, job_id: &str) -> Result<LaunchSpec
     let env_kernel = std::env::var_os("CHV_KERNEL_PATH")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    let initramfs = a.initramfs.clone().or(file.initramfs_path.clone());
+    let user_initramfs = a.initramfs.clone().or(file.initramfs_path.clone());
     let user_cmdline = a.cmdline.clone().or(file.cmdline.clone());
-    let mut cmdline = p.vm.cmdline.trim().to_string();
-    if let Some(extra) = user_cmdline
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
-    cmdline.push(' ');
-    cmdline.push_str(&crate::rootfs::envdisk::cmdline_arg(ENV_DEVICE));
-    let kernel_boot = |kernel: PathBuf, source: &'static str| Boot::Kernel {
-        kernel,
-        initramfs: initramfs.clone(),
-        cmdline: cmdline.clone(),
-        source,
-    };
-    let boot = if let Some(k) = &a.kernel {
-        kernel_boot(k.clone(), "--kernel")
-    } else if let Some(f) = &a.firmware {
-        Boot::Firmware {
-            firmware: f.clone(),
-            source: "--firmware",
-        }
+    // The kernel named, in precedence order; else the one `chvkit kernel` installed.
+    let named: Option<(PathBuf, &'static str)> = if let Some(k) = &a.kernel {
+        Some((k.clone(), "--kernel"))
+    } else if a.firmware.is_some() {
+        None
     } else if let Some(k) = env_kernel {
-        kernel_boot(k, "CHV_KERNEL_PATH")
+        Some((k, "CHV_KERNEL_PATH"))
     } else if let Some(k) = &file.kernel_path {
         if file.firmware_path.is_some() {
             return Err(ConfigError::Invalid(
                 "the config sets both kernel_path and firmware_path: keep one".into(),
             ));
         }
-        kernel_boot(k.clone(), "kernel_path in --config")
-    } else if let Some(f) = &file.firmware_path {
-        Boot::Firmware {
-            firmware: f.clone(),
-            source: "firmware_path in --config",
-        }
-    } else if let Some(k) = p.kernel_path() {
-        kernel_boot(k, "the profile's kernel.path")
+        Some((k.clone(), "kernel_path in --config"))
     } else {
-        return Err(ConfigError::Invalid(
-            "no kernel: pass --kernel FILE, set CHV_KERNEL_PATH, kernel_path in --config, or kernel.path in the profile".into(),
-        ));
+        None
     };
-    if matches!(boot, Boot::Firmware { .. }) && (initramfs.is_some() || user_cmdline.is_some()) {
+    let firmware = a.firmware.clone().map(|f| (f, "--firmware")).or_else(|| {
+        file.firmware_path
+            .clone()
+            .filter(|_| named.is_none())
+            .map(|f| (f, "firmware_path in --config"))
+    });
+    let boot = match (named, firmware) {
+        (Some((kernel, source)), _) => kernel_boot(
+            ctx,
+            kernel,
+            user_initramfs,
+            "",
+            user_cmdline.as_deref(),
+            source,
+        ),
+        (None, Some((firmware, source))) => Boot::Firmware { firmware, source },
+        (None, None) => installed_boot(ctx, user_initramfs, user_cmdline.as_deref())?,
+    };
+    if matches!(boot, Boot::Firmware { .. })
+        && (a.initramfs.is_some() || file.initramfs_path.is_some() || user_cmdline.is_some())
+    {
         return Err(ConfigError::Invalid(
             "initramfs and cmdline apply to direct kernel boot only, not to firmware boot".into(),
         ));
@@ -377,6 +369,79 @@ pub fn resolve(ctx: &Context, a: &LaunchArgs, job_id: &str) -> Result<LaunchSpec
         grace,
         landlock_write_dirs,
     })
+}
+
+/// Direct kernel boot of `kernel`: the command line is composed once, in `kernel::cmdline`
+/// (profile base, what the kernel needs, `init=/init` without an initramfs, what this host
+/// kind needs, the user's additions), then the env disk's argument.
+fn kernel_boot(
+    ctx: &Context,
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    kernel_needs: &str,
+    user: Option<&str>,
+    source: &'static str,
+) -> Boot {
+    use crate::kernel::cmdline;
+    let mut line = cmdline::compose(&cmdline::Parts {
+        base: &ctx.profile.vm.cmdline,
+        kernel: kernel_needs,
+        user,
+        initramfs: initramfs.is_some(),
+        host: cmdline::HostKind::detect(),
+    });
+    line.push(' ');
+    line.push_str(&crate::rootfs::envdisk::cmdline_arg(ENV_DEVICE));
+    Boot::Kernel {
+        kernel,
+        initramfs,
+        cmdline: line,
+        source,
+    }
+}
+
+/// No kernel named: the one `chvkit kernel` (or setup) installed, else the profile's
+/// `kernel.path` as it is.
+fn installed_boot(
+    ctx: &Context,
+    user_initramfs: Option<PathBuf>,
+    user: Option<&str>,
+) -> Result<Boot, ConfigError> {
+    use crate::profile::KernelSource;
+    let p = &ctx.profile;
+    let source = p.kernel.source();
+    if source != KernelSource::None {
+        let rec = crate::kernel::installed::load(p, &ctx.root)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(rec) = rec {
+            let initramfs = user_initramfs.or(rec.initramfs.as_ref().map(|i| ctx.root.path(i)));
+            return Ok(kernel_boot(
+                ctx,
+                ctx.root.path(&rec.vmlinux),
+                initramfs,
+                &rec.cmdline,
+                user,
+                "the guest kernel `chvkit kernel` installed",
+            ));
+        }
+    }
+    if let Some(k) = &p.kernel.path {
+        return Ok(kernel_boot(
+            ctx,
+            k.0.clone(),
+            user_initramfs,
+            "",
+            user,
+            "the profile's kernel.path",
+        ));
+    }
+    Err(ConfigError::Invalid(match source {
+        KernelSource::None => "no kernel: the profile's kernel.source is `none`; pass --kernel FILE, set CHV_KERNEL_PATH or kernel_path in --config".into(),
+        s => format!(
+            "no guest kernel installed: run `chvkit kernel` (the profile's kernel.source is `{}`) or `chvkit setup`, or pass --kernel FILE",
+            s.as_str()
+        ),
+    }))
 }
 
 /// The variables chvkit always puts in the guest's `/etc/checker.env` (then `--env` pairs).

@@ -82,7 +82,8 @@ pub struct LaunchArgs {
     /// Guest memory: MiB, or with a unit (512M, 2G).
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
-    /// Extra kernel command line, appended to `console=ttyS0 root=/dev/vda rw`.
+    /// Extra kernel command line, appended to the profile's `vm.cmdline` and what the kernel and
+    /// this host need (`init=/init` without an initramfs; `clearcpuid=…` on PVM hosts).
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
     /// Job id (1-64 of [A-Za-z0-9._-]); generated when absent. Derives the guest's IPv6, MAC

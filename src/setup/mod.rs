@@ -201,6 +201,7 @@ enum Op {
     Firewall {
         switch_from: Option<FirewallRecord>,
     },
+    GuestKernel(crate::kernel::Request),
 }
 
 pub fn run_setup(ctx: &Context, a: SetupArgs) -> anyhow::Result<i32> {
@@ -450,6 +451,8 @@ fn plan(
     let mut steps = Vec::new();
     if o.do_artifacts {
         plan_artifacts(o, lock, &mut steps);
+        // After the other artifacts: it updates the lock file itself.
+        plan_kernel(o, &mut steps);
     }
     if o.do_network {
         plan_network(o, st, fw, &mut steps)?;
@@ -566,6 +569,52 @@ fn plan_artifacts(o: &Opts, lock: Option<&ArtifactLock>, steps: &mut Vec<Step>) 
             });
         }
     }
+}
+
+/// The guest kernel, as `chvkit kernel` provides it (the same code); `kernel.source: none`
+/// leaves it to each launch.
+fn plan_kernel(o: &Opts, steps: &mut Vec<Step>) {
+    use crate::kernel;
+    let req = kernel::Request::from_profile(o.ctx);
+    if req.source == crate::profile::KernelSource::None {
+        return;
+    }
+    let (found, action) = match kernel::describe_inputs(o.ctx, &req) {
+        Ok((key, origin)) => match kernel::up_to_date(o.ctx, &key) {
+            Some(rec) => (
+                format!(
+                    "{} installed from {} and intact",
+                    o.host_path(&rec.vmlinux).display(),
+                    rec.origin
+                ),
+                None,
+            ),
+            None => (
+                format!("no guest kernel from {origin} installed"),
+                Some(match req.source {
+                    crate::profile::KernelSource::Build => format!(
+                        "build the guest kernel from {origin} (minutes the first time; cached by \
+                         recipe hash) and install it"
+                    ),
+                    s => format!("install the guest kernel from {origin} ({})", s.as_str()),
+                }),
+            ),
+        },
+        // Planning cannot see it (e.g. no kernel source yet): applying says exactly why.
+        Err(e) => (
+            format!("cannot tell: {e}"),
+            Some(format!(
+                "provide the guest kernel ({})",
+                req.source.as_str()
+            )),
+        ),
+    };
+    steps.push(Step {
+        id: "kernel.guest",
+        found,
+        action,
+        op: Op::GuestKernel(req),
+    });
 }
 
 fn file_step(o: &Opts, id: &'static str, host_path: &Path, content: String, what: &str) -> Step {
@@ -996,6 +1045,51 @@ impl Applier<'_> {
                 std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
                     .with_context(|| format!("cannot chmod {}", dest.display()))?;
                 Ok(format!("{}: mode set to 0755", dest.display()))
+            }
+            Op::GuestKernel(req) => {
+                let host_dir = crate::kernel::installed::host_dir(self.o.profile);
+                st.record_dirs(missing_dirs(&self.o.ctx.root, &host_dir.join("x")));
+                let p = crate::kernel::provide(self.o.ctx, req)?;
+                // `provide` wrote the lock file itself: later steps must not save a stale copy.
+                self.lock = ArtifactLock::load(&self.o.lock_path)?.unwrap_or_default();
+                let rec = &p.installed;
+                if p.changed {
+                    st.artifacts.insert(
+                        crate::kernel::LOCK_KERNEL.to_string(),
+                        state::InstalledArtifact {
+                            path: rec.vmlinux.clone(),
+                            sha256: rec.vmlinux_sha256.clone(),
+                        },
+                    );
+                    match (&rec.initramfs, &rec.initramfs_sha256) {
+                        (Some(path), Some(sha)) => {
+                            st.artifacts.insert(
+                                crate::kernel::LOCK_INITRAMFS.to_string(),
+                                state::InstalledArtifact {
+                                    path: path.clone(),
+                                    sha256: sha.clone(),
+                                },
+                            );
+                        }
+                        _ => {
+                            st.artifacts.remove(crate::kernel::LOCK_INITRAMFS);
+                        }
+                    }
+                }
+                Ok(format!(
+                    "{} from {} ({}, {:.1} s); launch boots it with `{}`",
+                    self.o.host_path(&rec.vmlinux).display(),
+                    rec.origin,
+                    if p.built {
+                        "built"
+                    } else if p.changed {
+                        "installed"
+                    } else {
+                        "already there"
+                    },
+                    p.seconds,
+                    p.cmdline
+                ))
             }
             Op::SetCap { dest } => {
                 if artifacts::has_cap_net_admin(dest).unwrap_or(false) {

@@ -334,10 +334,10 @@ fn plan(ctx: &Context, st: &SetupState, keep_artifacts: bool) -> anyhow::Result<
     if !keep_artifacts {
         for (key, a) in &st.artifacts {
             let at = ctx.root.path(&a.path);
-            let id = if key == crate::lockfile::CLOUD_HYPERVISOR {
-                "chv.binary"
-            } else {
-                "firmware.file"
+            let id = match key.as_str() {
+                crate::lockfile::CLOUD_HYPERVISOR => "chv.binary",
+                crate::kernel::LOCK_KERNEL | crate::kernel::LOCK_INITRAMFS => "kernel.guest",
+                _ => "firmware.file",
             };
             let have = super::artifacts::sha256_file(&at)
                 .with_context(|| format!("cannot read {}", at.display()))?;
@@ -355,9 +355,10 @@ fn plan(ctx: &Context, st: &SetupState, keep_artifacts: bool) -> anyhow::Result<
                     None,
                 ),
             };
+            let removes = action.is_some();
             steps.push(TStep {
                 id: id.into(),
-                op: if action.is_some() {
+                op: if removes {
                     TOp::Artifact(at)
                 } else {
                     TOp::Forget
@@ -366,6 +367,17 @@ fn plan(ctx: &Context, st: &SetupState, keep_artifacts: bool) -> anyhow::Result<
                 found,
                 action,
             });
+            // The record that says which kernel is installed goes with the kernel.
+            let record = crate::kernel::installed::record_path(&ctx.profile, &ctx.root);
+            if key == crate::kernel::LOCK_KERNEL && removes && record.exists() {
+                steps.push(TStep {
+                    id: "kernel.guest".into(),
+                    found: format!("{} present", record.display()),
+                    action: Some(format!("remove {}", record.display())),
+                    op: TOp::RemoveFile(record),
+                    rec: Rec::File(PathBuf::new()),
+                });
+            }
         }
     }
     Ok(steps)

@@ -231,12 +231,16 @@ pub fn fake_chv(tag: &str) -> Vec<u8> {
     format!("#!/bin/sh\necho cloud-hypervisor v50.0.0\n# {tag}\n").into_bytes()
 }
 
-/// The default profile with the firmware pinned to `fw_sha` and a few overrides.
+/// The default profile with the firmware pinned to `fw_sha` and a few overrides. The guest
+/// kernel step is off (`kernel.source: none`): these tests are about the VMM, firmware and
+/// network; `tests/setup_kernel.rs` and `tests/guest_e2e.rs` cover the kernel step.
 pub fn profile_yaml(fw_sha: &str, extra: &[(&str, &str)]) -> String {
-    let mut y = chvkit::profile::DEFAULT_PROFILE_YAML.replace(
-        "4a0a1e977368f6b15d2198a216bdedf9a350bf5e5ae07e29e695373ec16ad958",
-        fw_sha,
-    );
+    let mut y = chvkit::profile::DEFAULT_PROFILE_YAML
+        .replace(
+            "4a0a1e977368f6b15d2198a216bdedf9a350bf5e5ae07e29e695373ec16ad958",
+            fw_sha,
+        )
+        .replace("  source: build\n", "  source: none\n");
     for (from, to) in extra {
         assert!(y.contains(from), "profile has no `{from}`");
         y = y.replace(from, to);
