@@ -8,6 +8,8 @@ set -euo pipefail
 fixtures=${1:?usage: install-test-vmm.sh FIXTURES DEST [SKIP_LOG]}
 dest=${2:?usage: install-test-vmm.sh FIXTURES DEST [SKIP_LOG]}
 skip_log=${3:-}
+# Canonical, so the paths it hands on (a profile's kernel.path among them) have no `..`.
+fixtures=$(readlink -m "$fixtures")
 vmm=$fixtures/cloud-hypervisor-v50.0
 kernel=$fixtures/guest-kernel-pvm
 

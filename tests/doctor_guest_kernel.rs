@@ -239,7 +239,11 @@ fn installed_pvh_kernel_passes_on_hardware() {
     e.record("build", false, false);
     let r = e.doctor(Host::Hardware, None, &[]);
     r.assert_level("kernel.guest", "PASS");
-    r.assert_says("kernel.guest", "summary", "Linux 6.12.118 (build, installed)");
+    r.assert_says(
+        "kernel.guest",
+        "summary",
+        "Linux 6.12.118 (build, installed)",
+    );
     r.assert_says("kernel.guest", "detail", "built in (chvkit's recipe)");
     r.assert_says(
         "kernel.guest",
@@ -262,7 +266,11 @@ fn installed_kernel_on_pvm_needs_the_pvm_changes() {
     r.assert_level("kernel.guest", "PASS");
     r.assert_says("kernel.guest", "summary", "PVM-ready");
     r.assert_says("kernel.guest", "summary", "(estimate)");
-    r.assert_says("kernel.guest", "detail", "clearcpuid=xsave,popcnt,smap,erms,fsrm");
+    r.assert_says(
+        "kernel.guest",
+        "detail",
+        "clearcpuid=xsave,popcnt,smap,erms,fsrm",
+    );
     r.assert_says("kernel.guest", "detail", "docs/launch.md");
 
     let human = e.human(Host::Pvm, None);
@@ -290,20 +298,27 @@ fn installed_kernel_on_pvm_needs_the_pvm_changes() {
 #[test]
 fn unrecorded_kernel_is_scanned_for_the_marker_on_pvm() {
     let e = Env::new();
-    let with = e.write("/k/vmlinux-marked", &pvh_elf(true));
-    let without = e.write("/k/vmlinux-plain", &pvh_elf(false));
-    let _ = (with, without);
+    e.write("/k/vmlinux-marked", &pvh_elf(true));
+    e.write("/k/vmlinux-plain", &pvh_elf(false));
     let r = e.doctor(Host::Pvm, None, &[("CHV_KERNEL_PATH", "/k/vmlinux-marked")]);
     r.assert_level("kernel.guest", "PASS");
     r.assert_says("kernel.guest", "summary", "PVM-ready");
-    r.assert_says("kernel.guest", "detail", "cannot be verified without the kernel's config");
+    r.assert_says(
+        "kernel.guest",
+        "detail",
+        "cannot be verified without the kernel's config",
+    );
     let r = e.doctor(Host::Pvm, None, &[("CHV_KERNEL_PATH", "/k/vmlinux-plain")]);
     r.assert_level("kernel.guest", "FAIL");
     r.assert_says("kernel.guest", "hint", "unset CHV_KERNEL_PATH");
     // Not duplicated: the file's format is kernel.file's and it passes.
     r.assert_level("kernel.file", "PASS");
     // On hardware KVM the same plain kernel is fine.
-    let r = e.doctor(Host::Hardware, None, &[("CHV_KERNEL_PATH", "/k/vmlinux-plain")]);
+    let r = e.doctor(
+        Host::Hardware,
+        None,
+        &[("CHV_KERNEL_PATH", "/k/vmlinux-plain")],
+    );
     r.assert_level("kernel.guest", "PASS");
 }
 
@@ -316,22 +331,16 @@ fn broken_installed_files_fail_with_reinstall() {
     r.assert_level("kernel.guest", "FAIL");
     r.assert_says("kernel.guest", "summary", "missing");
     assert_eq!(r.text("kernel.guest", "hint"), "sudo chvkit kernel");
-    // Truncated: its headers name more bytes than the file has.
-    let mut k = pvh_elf(true);
-    k[64..68].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    k[64 + 32..64 + 40].copy_from_slice(&(1u64 << 20).to_le_bytes());
-    // Keep the note reachable by appending a second program header? Simpler: a PT_LOAD only
-    // fails the PVH sniff, so give the file two headers.
+    // Truncated: a second program header (PT_LOAD) names a MiB at 4096 the file lacks.
     let mut two = pvh_elf(true);
     two[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
     let mut load = vec![0u8; 56];
     load[0..4].copy_from_slice(&1u32.to_le_bytes());
     load[8..16].copy_from_slice(&4096u64.to_le_bytes());
     load[32..40].copy_from_slice(&(1u64 << 20).to_le_bytes());
-    // Move everything after the first header down by 56 bytes and fix the note offset.
     two.splice(120..120, load);
+    // The note moved down by one header.
     two[64 + 8..64 + 16].copy_from_slice(&176u64.to_le_bytes());
-    let _ = k;
     e.write(&format!("{STATE}/vmlinux"), &two);
     let r = e.doctor(Host::Hardware, None, &[]);
     r.assert_level("kernel.guest", "FAIL");

@@ -113,10 +113,13 @@ impl Guest {
         let cmdline = k["cmdline"].as_str().unwrap_or_default();
         assert!(cmdline.contains("init=/init"), "{k}");
         if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-            assert_eq!(
-                k["pvm_ready"], true,
-                "a kernel without chvkit's PVM changes: {k}"
-            );
+            // The fixture kernel has PVM changes of its own, without chvkit's marker.
+            if kernel.starts_with("source: build") {
+                assert_eq!(
+                    k["pvm_ready"], true,
+                    "a kernel without chvkit's PVM changes: {k}"
+                );
+            }
             assert!(cmdline.contains("clearcpuid="), "{k}");
         }
         Some(g)
@@ -199,7 +202,12 @@ impl Guest {
             "{}: TAP {tap} left:\n{links}",
             self.test
         );
-        let pids = self.ns.sh_ok(&format!("ip netns pids {}", self.ns.name));
+        // Asked from outside: inside, the asking shell would count itself.
+        let o = Command::new("ip")
+            .args(["netns", "pids", &self.ns.name])
+            .output()
+            .unwrap();
+        let pids = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(
             pids.trim().is_empty(),
             "{}: processes left in the namespace: {pids}",

@@ -423,19 +423,19 @@ fn named_kernel_fix(
 
 pub fn kernel_file(_ctx: &Context, f: &Facts) -> Finding {
     const ID: &str = "kernel.file";
-    let k = match &f.kernel {
-        Some(Some(k)) => k,
-        Some(None) => {
-            return Finding::skip(
+    let k =
+        match &f.kernel {
+            Some(Some(k)) => k,
+            Some(None) => return Finding::skip(
                 ID,
-                "no guest kernel configured",
-                "Neither kernel.path in the profile nor CHV_KERNEL_PATH is set (see \
-                 firmware.boot_mode).",
-                "export CHV_KERNEL_PATH=/path/to/vmlinux",
-            )
-        }
-        None => return Finding::skip(ID, "not checked", "", "chvkit doctor --only kernel"),
-    };
+                "no kernel file named",
+                "Neither kernel.path in the profile nor CHV_KERNEL_PATH names a kernel file. The \
+                 kernel launch boots (the one `chvkit kernel` installed, if any) is judged by \
+                 kernel.guest.",
+                "chvkit doctor --only kernel.guest",
+            ),
+            None => return Finding::skip(ID, "not checked", "", "chvkit doctor --only kernel"),
+        };
     let src = if k.from_env {
         "CHV_KERNEL_PATH"
     } else {
@@ -675,10 +675,6 @@ pub fn guest_verdict(g: &Guest, h: &GuestHost<'_>) -> Finding {
             named_kernel_fix(&k.path, src_name, &k.file, k.image.as_ref()),
         );
     }
-    let record_note = format!(
-        "the record {}",
-        rec.map_or(String::new(), |r| format!("of {}", r.origin))
-    );
     // An installed kernel that is not intact: reinstall. (A stat and the ELF headers only: the
     // sha256 is `chvkit kernel`'s job; doctor must stay fast.)
     if installed {
@@ -709,9 +705,11 @@ pub fn guest_verdict(g: &Guest, h: &GuestHost<'_>) -> Finding {
                 ID,
                 summary,
                 format!(
-                    "Launch without --kernel boots this file ({record_note}); it is not the \
-                     vmlinux `chvkit kernel` installed. `chvkit kernel` verifies the installed \
-                     files' sha256 and installs them again."
+                    "Launch without --kernel boots this file (the record says: {}, installed \
+                     from {}); it is not the vmlinux `chvkit kernel` installed. `chvkit kernel` \
+                     verifies the installed files' sha256 and installs them again.",
+                    rec.map_or("?", |r| r.source.as_str()),
+                    rec.map_or("?", |r| r.origin.as_str()),
                 ),
                 REINSTALL,
             );
@@ -1083,4 +1081,209 @@ pub fn tools_rootfs(_ctx: &Context, f: &Facts) -> Finding {
         ),
         format!("{installer} {}", packages.join(" ")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::doctor::facts::KernelConfig;
+    use crate::kernel::installed::Installed;
+
+    const HW: GuestHost<'static> = GuestHost {
+        pvm: false,
+        base_cmdline: "console=ttyS0 root=/dev/vda rw",
+        memory_mib: 512,
+    };
+    const PVM: GuestHost<'static> = GuestHost {
+        pvm: true,
+        base_cmdline: "console=ttyS0 root=/dev/vda rw",
+        memory_mib: 512,
+    };
+
+    fn file(size: u64) -> FileFacts {
+        FileFacts {
+            exists: true,
+            is_file: true,
+            mode: Some(0o644),
+            size: Some(size),
+            uid: Some(0),
+        }
+    }
+
+    fn record(source: &str, pvm_ready: bool) -> Installed {
+        Installed {
+            schema: 1,
+            source: source.into(),
+            origin: "o".into(),
+            key: "k".into(),
+            vmlinux: "/var/lib/chvkit/kernel/vmlinux".into(),
+            vmlinux_sha256: String::new(),
+            initramfs: None,
+            initramfs_sha256: None,
+            cmdline: String::new(),
+            linux_version: Some("6.12.118".into()),
+            pvm_ready,
+            installed_at: 100,
+        }
+    }
+
+    fn kernel(origin: GuestOrigin, rec: Option<Installed>) -> GuestKernel {
+        GuestKernel {
+            origin,
+            record: rec,
+            path: "/var/lib/chvkit/kernel/vmlinux".into(),
+            file: file(18 << 20),
+            mtime: Some(90),
+            image: Some(Ok(KernelImage::ElfPvh)),
+            implied_size: Some(18 << 20),
+            initramfs: None,
+            pvm_marker: None,
+            config: None,
+            config_searched: Vec::new(),
+            overrides: None,
+        }
+    }
+
+    fn guest(source: KernelSource, k: GuestKernel) -> Guest {
+        Guest {
+            source,
+            choice: GuestChoice::Kernel(Box::new(k)),
+        }
+    }
+
+    #[test]
+    fn unprovided_and_not_installed() {
+        let g = Guest {
+            source: KernelSource::None,
+            choice: GuestChoice::Unprovided,
+        };
+        let f = guest_verdict(&g, &HW);
+        assert_eq!(f.level, Level::Skip);
+        assert!(f.summary.contains("each launch names its kernel"));
+        let g = Guest {
+            source: KernelSource::Build,
+            choice: GuestChoice::NotInstalled {
+                source_tarball: false,
+            },
+        };
+        let f = guest_verdict(&g, &HW);
+        assert_eq!(f.level, Level::Fail);
+        assert_eq!(
+            f.hint.as_deref(),
+            Some("sudo apt-get install -y linux-source-6.12 && sudo chvkit kernel")
+        );
+        assert!(f.detail.contains("8 minutes on 2 cores"), "{}", f.detail);
+    }
+
+    #[test]
+    fn recorded_build_kernel_per_host_kind() {
+        let g = guest(
+            KernelSource::Build,
+            kernel(GuestOrigin::Installed, Some(record("build", true))),
+        );
+        let f = guest_verdict(&g, &HW);
+        assert_eq!(f.level, Level::Pass, "{f:?}");
+        assert!(f
+            .detail
+            .contains("console=ttyS0 root=/dev/vda rw init=/init chvkit.env=/dev/vdb"));
+        let f = guest_verdict(&g, &PVM);
+        assert_eq!(f.level, Level::Pass, "{f:?}");
+        assert!(f.summary.contains("PVM-ready; ~50 s to /init (estimate)"));
+        assert!(f.detail.contains(cmdline::PVM_CLEARCPUID));
+        assert!(f.detail.contains("an estimate"));
+
+        let g = guest(
+            KernelSource::Build,
+            kernel(GuestOrigin::Installed, Some(record("distro", false))),
+        );
+        let f = guest_verdict(&g, &PVM);
+        // The distro record names no initramfs: that comes first.
+        assert_eq!(f.level, Level::Fail);
+        let mut r = record("distro", false);
+        r.initramfs = Some("/var/lib/chvkit/kernel/initramfs.img".into());
+        let mut k = kernel(GuestOrigin::Installed, Some(r));
+        k.initramfs = Some(("/var/lib/chvkit/kernel/initramfs.img".into(), file(10)));
+        let f = guest_verdict(&guest(KernelSource::Distro, k.clone()), &PVM);
+        assert_eq!(f.level, Level::Fail);
+        assert!(f.detail.contains("facts: user-mode SYSCALL"));
+        assert_eq!(f.hint.as_deref(), Some("sudo chvkit kernel --source build"));
+        assert_eq!(
+            guest_verdict(&guest(KernelSource::Distro, k), &HW).level,
+            Level::Pass
+        );
+    }
+
+    #[test]
+    fn unrecorded_files() {
+        // A bzImage on PVM: compressed, so unknown.
+        let mut k = kernel(GuestOrigin::Env, None);
+        k.image = Some(Ok(KernelImage::BzImage {
+            version: Some("6.1.0-57-cloud-amd64 (x) #1".into()),
+        }));
+        k.implied_size = None;
+        let f = guest_verdict(&guest(KernelSource::Build, k.clone()), &PVM);
+        assert_eq!(f.level, Level::Warn, "{f:?}");
+        assert!(f.hint.unwrap().starts_with("sudo chvkit kernel --path "));
+        let f = guest_verdict(&guest(KernelSource::Build, k), &HW);
+        assert_eq!(f.level, Level::Pass);
+        assert!(f
+            .summary
+            .contains("Linux 6.1.0-57-cloud-amd64 (CHV_KERNEL_PATH)"));
+        assert!(f.detail.contains("unpacks it"));
+
+        // The marker scan decides on PVM.
+        let mut k = kernel(GuestOrigin::ProfilePath, None);
+        k.pvm_marker = Some(Ok(false));
+        let f = guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM);
+        assert_eq!(f.level, Level::Fail);
+        assert_eq!(f.hint.as_deref(), Some("sudo chvkit kernel --source build"));
+        k.pvm_marker = Some(Ok(true));
+        assert_eq!(
+            guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM).level,
+            Level::Pass
+        );
+
+        // Drivers from a config: unset fails, modules warn, and the worst wins.
+        k.config = Some(KernelConfig::parse(
+            &PathBuf::from("/boot/config-x"),
+            "CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=m\nCONFIG_VIRTIO_NET=y\nCONFIG_EXT4_FS=y\n",
+        ));
+        let f = guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM);
+        assert_eq!(f.level, Level::Warn, "{f:?}");
+        k.pvm_marker = Some(Ok(false));
+        let f = guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM);
+        assert_eq!(f.level, Level::Fail, "{f:?}");
+        assert!(f.summary.contains("PVM"), "{f:?}");
+        assert!(f.detail.contains("Also: "), "{f:?}");
+    }
+
+    #[test]
+    fn integrity() {
+        let mut k = kernel(GuestOrigin::Installed, Some(record("build", true)));
+        k.file.size = Some(1000);
+        k.implied_size = Some(5000);
+        let f = guest_verdict(&guest(KernelSource::Build, k.clone()), &HW);
+        assert_eq!(f.level, Level::Fail);
+        assert!(f.summary.contains("truncated"));
+        assert_eq!(f.hint.as_deref(), Some("sudo chvkit kernel"));
+        k.file = FileFacts::default();
+        k.image = None;
+        let f = guest_verdict(&guest(KernelSource::Build, k.clone()), &HW);
+        assert_eq!(f.level, Level::Fail);
+        assert!(f.summary.contains("missing"));
+        // Modified after the install: the record may be stale.
+        let mut k = kernel(GuestOrigin::Installed, Some(record("build", true)));
+        k.mtime = Some(500);
+        let f = guest_verdict(&guest(KernelSource::Build, k), &PVM);
+        assert_eq!(f.level, Level::Warn);
+        assert_eq!(f.hint.as_deref(), Some("sudo chvkit kernel"));
+        // A named file that is not a kernel: kernel.file's finding, not repeated here.
+        let mut k = kernel(GuestOrigin::Env, None);
+        k.image = Some(Ok(KernelImage::Unknown));
+        let f = guest_verdict(&guest(KernelSource::Build, k), &HW);
+        assert_eq!(f.level, Level::Skip);
+        assert!(f.detail.contains("kernel.file"));
+    }
 }

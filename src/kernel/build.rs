@@ -429,11 +429,13 @@ mod tests {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/root/.cache/chvkit/kernel"));
         let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let keep_tree = std::env::var_os("CHVKIT_KERNEL_KEEP_TREE").is_some();
+        let tarball = SOURCE_TARBALL.into();
         let opts = BuildOptions {
-            tarball: SOURCE_TARBALL.into(),
+            tarball,
             cache_dir,
             jobs,
-            keep_tree: false,
+            keep_tree,
         };
         let built = build(&opts).unwrap_or_else(|e| panic!("{e}"));
         println!("{built:?}");

@@ -199,7 +199,11 @@ fn newest_distro(ctx: &Context) -> Result<initramfs::DistroKernel, KernelError> 
         .prefix()
         .and_then(|r| initramfs::find_distro_kernels(r).into_iter().next());
     rooted
-        .or_else(|| initramfs::find_distro_kernels(Path::new("/")).into_iter().next())
+        .or_else(|| {
+            initramfs::find_distro_kernels(Path::new("/"))
+                .into_iter()
+                .next()
+        })
         .ok_or(KernelError::NoDistroKernel)
 }
 
