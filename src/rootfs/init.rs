@@ -13,7 +13,7 @@
 use crate::envfile::shell_quote;
 
 /// Bumped whenever the generated script changes: it is part of the rootfs cache key.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 2;
 
 /// Where the host's busybox-static is injected inside the guest.
 pub const BUSYBOX_PATH: &str = "/.chvkit/busybox";
@@ -131,6 +131,8 @@ export PATH
 umask 022
 set -f
 ENVFILE=/etc/checker.env
+ENV_FROM_DISK=
+IFACE=
 "#;
 
 const TEMPLATE_BODY: &str = r#"
@@ -150,7 +152,7 @@ finish() {
 	trap '' TERM INT HUP
 	trap - EXIT
 	st=$1
-	if [ "$$" = 1 ]; then
+	if [ "$$" = 1 ] && others_running; then
 		# Leftover processes would keep files open for writing and block the ro remount.
 		kill -TERM -1 2>/dev/null
 		bb sleep 1
@@ -161,10 +163,11 @@ finish() {
 	else
 		printf '\nCHVKIT_EXIT=%s\n' "$st"
 	fi
-	bb sync
+	# The remount flushes the root filesystem, and `poweroff -f` syncs before it powers off:
+	# no separate `sync` processes.
 	bb mount -o remount,ro / 2>/dev/null || say "cannot remount / read-only"
-	bb sync
 	if [ "$$" != 1 ]; then
+		bb sync
 		# Not PID 1 (someone ran /init by hand): never power a host off.
 		exit "$st"
 	fi
@@ -173,6 +176,16 @@ finish() {
 	echo o >/proc/sysrq-trigger 2>/dev/null
 	while :; do bb sleep 3600; done
 }
+# Whether a process other than PID 1 is left (kernel threads have no /proc/PID/exe). Shell
+# builtins only: under PVM's emulation every process costs about half a second.
+others_running() {
+	for _p in /proc/[0-9]*; do
+		[ "$_p" = /proc/1 ] && continue
+		[ -e "$_p/exe" ] && return 0
+	done
+	return 1
+}
+
 # Any fatal shell error below (PID 1 exiting would panic the kernel) still powers off.
 trap 'finish 255' EXIT
 
@@ -189,17 +202,18 @@ mnt() { # TYPE DIR OPTIONS
 	bb mount -t "$1" -o "$3" "$1" "$2" || say "cannot mount $1 on $2"
 }
 
+# Sets IFACE (no command substitution: that would cost a process).
 pick_iface() {
 	for _c in eth0 enp0s3 ens3; do
 		if [ -e "/sys/class/net/$_c" ]; then
-			echo "$_c"
+			IFACE=$_c
 			return 0
 		fi
 	done
 	for _p in /sys/class/net/*; do
 		_n=${_p##*/}
 		if [ "$_n" != lo ] && [ -e "$_p" ]; then
-			echo "$_n"
+			IFACE=$_n
 			return 0
 		fi
 	done
@@ -212,7 +226,7 @@ net_up() {
 		return 0
 	fi
 	_i=0
-	until IFACE=$(pick_iface); do
+	until pick_iface; do
 		_i=$((_i + 1))
 		if [ "$_i" -gt 30 ]; then
 			say "no network interface found for $CHECKER_GUEST_IP"
@@ -257,13 +271,20 @@ load_env_disk() {
 		say "chvkit.env=$_dev is not a block device: using the image's $ENVFILE"
 		return 0
 	fi
+	# Two processes per try (tr, mv): the umask in this shell makes the copy 0600 as it is
+	# created, and the rename means a reader never sees half of it.
 	for _target in /etc/checker.env /run/chvkit/checker.env; do
-		bb mkdir -p "${_target%/*}" 2>/dev/null
-		if (umask 077 && bb tr -d '\000' <"$_dev" >"$_target.new") 2>/dev/null &&
-			bb chmod 0600 "$_target.new" && bb mv -f "$_target.new" "$_target"; then
+		[ -d "${_target%/*}" ] || bb mkdir -p "${_target%/*}" 2>/dev/null
+		[ -e "$_target.new" ] && bb rm -f "$_target.new" 2>/dev/null
+		umask 077
+		if bb tr -d '\000' <"$_dev" >"$_target.new" 2>/dev/null &&
+			bb mv -f "$_target.new" "$_target"; then
+			umask 022
 			ENVFILE=$_target
+			ENV_FROM_DISK=1
 			return 0
 		fi
+		umask 022
 		bb rm -f "$_target.new" 2>/dev/null
 	done
 	say "cannot copy the environment from $_dev"
@@ -274,12 +295,26 @@ load_env_disk() {
 const TEMPLATE_MAIN: &str = r#"
 [ -d /proc ] || bb mkdir -p /proc 2>/dev/null
 [ -e /proc/self ] || bb mount -t proc -o nosuid,nodev,noexec proc /proc || say "cannot mount /proc"
+# One mount process for several filesystems (each process costs about half a second under
+# PVM's emulation); `mount -a` skips what is mounted already (the kernel's own devtmpfs), and
+# `mnt` below mounts one by one whatever it could not (a missing mount point, say).
+bb mount -a -T /proc/self/fd/0 2>/dev/null <<'FSTAB'
+sysfs /sys sysfs nosuid,nodev,noexec 0 0
+devtmpfs /dev devtmpfs nosuid,mode=0755 0 0
+tmpfs /run tmpfs nosuid,nodev,mode=0755 0 0
+tmpfs /tmp tmpfs nosuid,nodev,mode=1777 0 0
+FSTAB
 mnt sysfs /sys nosuid,nodev,noexec
 mnt devtmpfs /dev nosuid,mode=0755
 # The kernel found no /dev/console on a bare image: talk to the console from now on.
 if [ -c /dev/console ] || [ -f /dev/console ]; then
 	exec </dev/console >>/dev/console 2>&1
 fi
+[ -d /dev/pts ] && [ -d /dev/shm ] || bb mkdir -p /dev/pts /dev/shm 2>/dev/null
+bb mount -a -T /proc/self/fd/0 2>/dev/null <<'FSTAB'
+devpts /dev/pts devpts nosuid,noexec,mode=0620,ptmxmode=0666 0 0
+tmpfs /dev/shm tmpfs nosuid,nodev,mode=1777 0 0
+FSTAB
 mnt devpts /dev/pts nosuid,noexec,mode=0620,ptmxmode=0666
 mnt tmpfs /dev/shm nosuid,nodev,mode=1777
 mnt tmpfs /run nosuid,nodev,mode=0755
@@ -287,8 +322,9 @@ mnt tmpfs /tmp nosuid,nodev,mode=1777
 
 load_env_disk
 if [ -r "$ENVFILE" ]; then
-	# A file that does not parse would make `.` kill PID 1: check it first.
-	if $WSH -n "$ENVFILE"; then
+	# A file that does not parse would make `.` kill PID 1: check the image's own file first
+	# (the env disk's comes from chvkit's own writer, which quotes every value).
+	if [ -n "${ENV_FROM_DISK:-}" ] || $WSH -n "$ENVFILE"; then
 		set -a
 		. "$ENVFILE"
 		set +a
@@ -302,11 +338,12 @@ _host=${CHECKER_HOSTNAME:-}
 if [ -z "$_host" ] && [ -r /etc/hostname ]; then
 	read -r _host </etc/hostname || _host=
 fi
-bb hostname "${_host:-chvkit}" || say "cannot set the hostname"
+printf '%s' "${_host:-chvkit}" >/proc/sys/kernel/hostname 2>/dev/null || say "cannot set the hostname"
 bb ip link set lo up || say "cannot bring up lo"
 net_up
 if [ -n "${CHECKER_GUEST_IP:-}" ]; then
-	bb rm -f /etc/resolv.conf 2>/dev/null
+	# A symlink (e.g. to a resolver stub) would take the write elsewhere: replace it.
+	[ -L /etc/resolv.conf ] && bb rm -f /etc/resolv.conf 2>/dev/null
 	printf 'nameserver %s\n' "${CHECKER_NAMESERVER:-2001:4860:4860::8888}" >/etc/resolv.conf ||
 		say "cannot write /etc/resolv.conf"
 fi
