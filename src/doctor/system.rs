@@ -13,9 +13,11 @@ fn kvm_module(cpu: Option<&CpuFacts>) -> &'static str {
 }
 
 const PVM_DETAIL: &str = "/dev/kvm is provided by kvm_pvm (PVM: virtualization in software, no vmx/svm). \
-Cloud Hypervisor starts, creates and boots VMs and serves its whole API here, but only guest kernels \
-built for PVM (CONFIG_PVM_GUEST) run: an ordinary Linux guest kernel spins without printing anything. \
-vm.snapshot fails with GetNestedState (EINVAL), so snapshot/restore does not work on this host.";
+Cloud Hypervisor starts, creates and boots VMs and serves its whole API here. Guest kernels run \
+through PVM's instruction emulation, slowly (tens of seconds to /init), and only with a few guest-side \
+changes: chvkit's own guest kernel (`chvkit kernel`, kernel.source: build) carries them, and launch adds \
+the `clearcpuid=` this host needs (see kernel.guest). The unmodified VMM's vm.snapshot fails with \
+GetNestedState (EINVAL): snapshots need a VMM build that takes that EINVAL as \"no nested state\".";
 
 pub fn device(f: &Facts) -> Finding {
     const ID: &str = "kvm.device";
@@ -209,14 +211,14 @@ pub fn cpu_virtualization(f: &Facts) -> Finding {
     if c.pvm {
         return Finding::warn(
             ID,
-            "PVM host: only PVM-guest kernels boot; snapshots fail",
+            "PVM host: only kernels with chvkit's PVM changes reach user space; snapshots need a patched VMM",
             format!(
                 "{PVM_DETAIL} CPU flags: {}{}.",
                 if c.hardware_virt() { "vmx/svm present" } else { "no vmx/svm" },
                 if c.hypervisor { ", running under a hypervisor" } else { "" }
             ),
-            "export CHV_KERNEL_PATH=/path/to/pvm-guest-vmlinux   # a kernel built with CONFIG_PVM_GUEST; \
-             for snapshots use a host with vmx/svm",
+            "sudo chvkit kernel --source build   # a guest kernel that runs here; for snapshots \
+             with the stock VMM use a host with vmx/svm",
         );
     }
     if c.hardware_virt() {
