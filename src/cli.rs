@@ -174,40 +174,9 @@ fn init_tracing(verbose: u8) {
 
 /// Parse the command line, run, and return the process exit code.
 pub fn main() -> i32 {
-    use crate::launch::early::{self, Start};
-    // A launch starts its VMM before anything else (see `launch::early`).
-    let mut early = match early::start() {
-        Start::No => None,
-        Start::Launch(e) => Some(e),
-        Start::Waiter(w) => match w.wait() {
-            Some(code) => return code,
-            None => None,
-        },
-    };
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            drop(early);
-            e.exit()
-        }
-    };
+    let cli = Cli::parse();
     init_tracing(cli.verbose);
-    let detach = matches!(&cli.command, Command::Launch(a) if a.detach);
-    let is_launch = matches!(&cli.command, Command::Launch(_));
-    if let Some(e) = early.as_mut() {
-        if !is_launch || !e.matches(cli.profile.as_deref(), cli.root.as_deref(), detach) {
-            tracing::debug!("the command line is not the launch the early start assumed");
-            let forked = e.is_forked();
-            e.abandon();
-            if forked {
-                // The waiting process does it all by itself.
-                return exit::OK;
-            }
-            early = None;
-        }
-    }
-    let preloaded = early.as_mut().and_then(|e| e.take_profile());
-    let profile = match preloaded.map_or_else(|| Profile::load(cli.profile.as_deref()), Ok) {
+    let profile = match Profile::load(cli.profile.as_deref()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("chvkit: profile error: {e}");
@@ -229,7 +198,7 @@ pub fn main() -> i32 {
         Command::Teardown(a) => crate::setup::run_teardown(&ctx, a),
         Command::Rootfs(a) => crate::rootfs::run(&ctx, a),
         Command::Kernel(a) => crate::kernel::run(&ctx, a),
-        Command::Launch(a) => crate::launch::run_launch(&ctx, *a, early),
+        Command::Launch(a) => crate::launch::run_launch(&ctx, *a),
         Command::Vm(c) => crate::launch::run_vm(&ctx, c),
         Command::Gc(a) => crate::launch::run_gc(&ctx, a),
     };

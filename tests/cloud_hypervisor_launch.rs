@@ -11,7 +11,7 @@ mod vmm;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -789,10 +789,9 @@ fn cloud_hypervisor_launch_detached_lifecycle() {
             "{}",
             common::text(&o)
         );
-        assert!(
-            fs::read_dir(&snap).unwrap().next().is_none(),
-            "half-written snapshot left"
-        );
+        // DIR as it was (it did not exist), and no temporary left beside it.
+        assert!(!snap.exists(), "half-written snapshot left");
+        assert_eq!(snapshot_temporaries(&e), Vec::<String>::new());
         vmm::notice(
             e.test,
             "vm snapshot failed with the host's GetNestedState error (reported clearly)",
@@ -907,23 +906,192 @@ fn cloud_hypervisor_launch_snapshot_error_on_pvm_host_is_clear() {
         json_of(&e.chvkit(&["vm", "ls", "--json"]))[0]["state"],
         "running"
     );
-    // Outside the Landlock-allowed directories: refused before touching the VM.
-    let o = e.chvkit(&[
-        "vm",
-        "snapshot",
-        "pvm",
-        e.work.path().join("elsewhere").to_str().unwrap(),
-    ]);
-    let landlocked = e.state("pvm").unwrap()["landlock"] == true;
-    if landlocked {
-        assert!(
-            stderr(&o).contains("--snapshot-dir"),
-            "{}",
-            common::text(&o)
-        );
-    }
+    // Outside the Landlock-allowed directories the same (the VMM writes beneath the state
+    // dir, chvkit moves the result): the host's error, and no DIR, no temporary left.
+    let elsewhere = e.work.path().join("elsewhere");
+    let o = e.chvkit(&["vm", "snapshot", "pvm", elsewhere.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    assert!(
+        stderr(&o).contains("GetNestedState"),
+        "{}",
+        common::text(&o)
+    );
+    assert!(!elsewhere.exists());
+    assert_eq!(snapshot_temporaries(&e), Vec::<String>::new());
     assert!(e.chvkit(&["vm", "stop", "pvm"]).status.success());
     e.assert_clean("pvm", None);
+}
+
+/// Leftover `.tmp-*` directories beneath the state dir's snapshots directory.
+fn snapshot_temporaries(e: &Env) -> Vec<String> {
+    fs::read_dir(e.root.path().join("var/lib/chvkit/snapshots"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|d| d.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".tmp-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn names_in(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `vm snapshot JOB DIR` delivers into any DIR: the (Landlocked) VMM writes beneath the state
+/// dir, chvkit renames the result into place on the same filesystem and copies it (synced,
+/// then renamed) across filesystems. A failure leaves DIR as it was and names the cause.
+#[test]
+fn cloud_hypervisor_launch_snapshot_into_any_dir() {
+    let Some(e) = Env::new(
+        "cloud_hypervisor_launch_snapshot_into_any_dir",
+        Which::Standin,
+    ) else {
+        return;
+    };
+    let o = e.launch("any", &["--detach", "--json"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let expect = [
+        "chvkit.json",
+        "config.json",
+        "env.img",
+        "memory-ranges",
+        "state.json",
+    ];
+
+    // Outside the state dir, same filesystem, parent created.
+    let snap = e.work.path().join("out/s1");
+    let o = e.chvkit(&["vm", "snapshot", "any", snap.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert_eq!(names_in(&snap), expect);
+    assert_eq!(names_in(&e.work.path().join("out")), ["s1"]);
+    assert_eq!(snapshot_temporaries(&e), Vec::<String>::new());
+    let o = e.chvkit(&[
+        "vm",
+        "restore",
+        snap.to_str().unwrap(),
+        "--job-id",
+        "r1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert_eq!(json_of(&o)["tap"], identity("r1").tap);
+    assert!(e.chvkit(&["vm", "stop", "r1"]).status.success());
+    e.assert_clean("r1", None);
+
+    // Another filesystem (tmpfs): copied, and an empty DIR that exists is fine.
+    let shm_dev = fs::metadata("/dev/shm").map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+    let root_dev = std::os::unix::fs::MetadataExt::dev(&fs::metadata(e.root.path()).unwrap());
+    if shm_dev.as_ref().is_ok_and(|d| *d != root_dev) {
+        let base = PathBuf::from(format!("/dev/shm/chvkit-test-{}", std::process::id()));
+        let snap2 = base.join("s2");
+        fs::create_dir_all(&snap2).unwrap();
+        let o = e.chvkit(&["vm", "snapshot", "any", snap2.to_str().unwrap()]);
+        let listed = names_in(&snap2);
+        let beside = names_in(&base);
+        let restored = e.chvkit(&["vm", "restore", snap2.to_str().unwrap(), "--job-id", "r2"]);
+        let _ = e.chvkit(&["vm", "stop", "r2"]);
+        let _ = fs::remove_dir_all(&base);
+        assert!(o.status.success(), "{}", common::text(&o));
+        assert_eq!(listed, expect);
+        assert_eq!(
+            beside,
+            ["s2"],
+            "a copy's staging directory was left beside DIR"
+        );
+        assert_eq!(snapshot_temporaries(&e), Vec::<String>::new());
+        assert!(restored.status.success(), "{}", common::text(&restored));
+        e.assert_clean("r2", None);
+    } else {
+        common::skip(
+            "cloud_hypervisor_launch_snapshot_into_any_dir",
+            "/dev/shm is not another filesystem here: cross-filesystem copy not checked",
+        );
+    }
+
+    // A file in the way: refused, the file untouched.
+    let file = e.work.path().join("a-file");
+    fs::write(&file, b"mine").unwrap();
+    let o = e.chvkit(&["vm", "snapshot", "any", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    assert!(
+        stderr(&o).contains("is not a directory"),
+        "{}",
+        common::text(&o)
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"mine");
+
+    // Failures on another filesystem, in a private mount namespace: a tmpfs too small for the
+    // memory file (the copy fails midway: ENOSPC), and a read-only one.
+    let biggest = fs::read_dir(&snap)
+        .unwrap()
+        .flatten()
+        .map(|d| d.metadata().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        biggest > 256 << 10,
+        "the stand-in's memory file is {biggest} bytes"
+    );
+    let m = e.work.path().join("mnt");
+    fs::create_dir_all(&m).unwrap();
+    let script = r#"set -u
+m=$1; chvkit=$2; root=$3
+mount -t tmpfs -o size=128k,mode=0700 tmpfs "$m/" || exit 90
+"$chvkit" --root "$root" vm snapshot any "$m/s3"; echo "rc=$?"
+echo "left:$(ls -A "$m")"
+mount -o remount,ro "$m" || exit 91
+"$chvkit" --root "$root" vm snapshot any "$m/s4"; echo "rc=$?"
+echo "left:$(ls -A "$m")"
+"#;
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(&m)
+        .arg(common::chvkit())
+        .arg(e.root.path())
+        .env("CHV_BIN", &e.bin.path)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = common::text(&o);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{text}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("rc="))
+            .collect::<Vec<_>>(),
+        ["rc=1", "rc=1"],
+        "{text}"
+    );
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("left:"))
+            .collect::<Vec<_>>(),
+        ["left:", "left:"],
+        "DIR or a partial copy left behind: {text}"
+    );
+    assert!(
+        err.contains("No space left on device") && err.contains(&format!("{}/s3", m.display())),
+        "{text}"
+    );
+    assert!(err.contains("Read-only file system"), "{text}");
+    assert!(!m.join("s3").exists() && !m.join("s4").exists());
+    assert_eq!(snapshot_temporaries(&e), Vec::<String>::new());
+
+    // The job ran on through all of it.
+    assert_eq!(
+        json_of(&e.chvkit(&["vm", "ls", "--json"]))[0]["state"],
+        "running"
+    );
+    assert!(e.chvkit(&["vm", "stop", "any"]).status.success());
+    e.assert_clean("any", None);
 }
 
 #[test]
@@ -1205,100 +1373,4 @@ fn cloud_hypervisor_launch_reflink_disk_on_xfs() {
     assert!(out.contains("rl.raw"), "{out}");
     assert!(out.contains("left: 0"), "{out}");
     e.assert_clean("rl", None);
-}
-
-/// A launch starts its VMM before clap has parsed the command line (`launch::early`): when the
-/// real parse then fails, that VMM and its staging directory go, foreground and detached, and
-/// the user sees clap's own message and exit code. `gc` removes staging directories whose
-/// process is gone.
-#[test]
-fn cloud_hypervisor_launch_early_start_leaves_nothing_behind() {
-    let Some(e) = Env::new(
-        "cloud_hypervisor_launch_early_start_leaves_nothing_behind",
-        Which::Any,
-    ) else {
-        return;
-    };
-    for detach in [false, true] {
-        let mut args = e.launch_args("early", &["--no-such-flag"]);
-        if detach {
-            args.push("--detach".into());
-        }
-        let o = e.chvkit(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
-        assert!(
-            stderr(&o).contains("unexpected argument '--no-such-flag'"),
-            "{}",
-            common::text(&o)
-        );
-        let left = e.runtime_entries();
-        assert!(
-            left.is_empty(),
-            "detach {detach}: left in the runtime dir: {left:?}"
-        );
-        let o = Command::new("ip")
-            .args(["netns", "pids", &e.ns.name])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", common::text(&o));
-        let procs: Vec<String> = String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .filter_map(|p| fs::read_to_string(format!("/proc/{p}/cmdline")).ok())
-            .collect();
-        assert!(
-            procs.is_empty(),
-            "detach {detach}: still running in the namespace: {procs:?}"
-        );
-    }
-    // Bad values found after the early start (a job id clap accepts, chvkit refuses): a usage
-    // error, and nothing left either.
-    let o = e.launch("a b", &["--detach"]);
-    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
-    let left = e.runtime_entries();
-    assert!(left.is_empty(), "left in the runtime dir: {left:?}");
-
-    // With the early start turned off (CHVKIT_EARLY_VMM=0) the supervisor is forked after the
-    // run dir exists and spawns the VMM itself: the same answer, and nothing left after stop.
-    for early in ["0", "1"] {
-        let job = format!("late{early}");
-        let a = e.launch_args(&job, &["--detach", "--json"]);
-        let o = e
-            .cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
-            .env("CHVKIT_EARLY_VMM", early)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", common::text(&o));
-        let j = json_of(&o);
-        assert_eq!(j["job_id"], job.as_str());
-        assert_eq!(j["tap"], identity(&job).tap);
-        assert!(j["booted_at"].as_f64().is_some_and(|t| t > 1e9), "{j}");
-        let pid = j["vmm_pid"].as_i64().unwrap();
-        assert!(alive(pid));
-        let st = e.state(&job).unwrap();
-        assert_eq!(st["phase"], "running");
-        let o = e.chvkit(&["vm", "stop", &job]);
-        assert!(o.status.success(), "{}", common::text(&o));
-        e.assert_clean(&job, Some(pid));
-    }
-
-    // A staging directory of a dead process, a minute old: gc takes it; a live one stays.
-    let dead = e.runtime().join(".vmm-999999-0badcafe");
-    let live = e
-        .runtime()
-        .join(format!(".vmm-{}-0badcafe", std::process::id()));
-    for d in [&dead, &live] {
-        fs::create_dir_all(d).unwrap();
-        fs::write(d.join("vmm.log"), b"").unwrap();
-        let o = Command::new("touch")
-            .args(["-d", "2 minutes ago"])
-            .arg(d)
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-    }
-    let o = e.chvkit(&["gc"]);
-    assert!(o.status.success(), "{}", common::text(&o));
-    assert!(!dead.exists(), "{}", common::text(&o));
-    assert!(live.exists(), "{}", common::text(&o));
-    fs::remove_dir_all(&live).unwrap();
 }

@@ -148,22 +148,6 @@ pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    // VMMs started before a launch parsed its arguments live in a staging directory until the
-    // launch makes it its run dir; one whose launch is gone holds nothing else (its VMM died
-    // with it).
-    for d in super::early::stale_staging(&rundir::runtime_dir(ctx)) {
-        if a.dry_run {
-            say!("would remove {}", d.display());
-            continue;
-        }
-        match fs::remove_dir_all(&d) {
-            Ok(()) => say!("removed {}", d.display()),
-            Err(e) => {
-                eprintln!("chvkit gc: {}: {e}", d.display());
-                failures += 1;
-            }
-        }
-    }
     if a.bases {
         failures += gc_bases(ctx, a.dry_run);
     }

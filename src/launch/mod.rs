@@ -14,7 +14,6 @@ pub mod api;
 pub mod cleanup;
 pub mod config;
 pub mod disk;
-pub mod early;
 pub mod events;
 pub mod gc;
 pub mod identity;
@@ -202,12 +201,8 @@ pub struct GcArgs {
     pub bases: bool,
 }
 
-pub fn run_launch(
-    ctx: &Context,
-    a: LaunchArgs,
-    early: Option<Box<early::EarlyVmm>>,
-) -> anyhow::Result<i32> {
-    run::launch(ctx, a, early)
+pub fn run_launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
+    run::launch(ctx, a)
 }
 
 pub fn run_vm(ctx: &Context, c: VmCommand) -> anyhow::Result<i32> {

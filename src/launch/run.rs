@@ -67,8 +67,6 @@ impl Failure {
             reason: self.reason.into(),
             message: self.message.clone(),
             extra: serde_json::Value::Null,
-            job_id: String::new(),
-            json: false,
         }
     }
 }
@@ -153,14 +151,10 @@ fn copy_logs(paths: &JobPaths, dir: &Path) -> Result<(), String> {
 impl<'a> Job<'a> {
     /// Lock the job id, collect what a dead earlier job of the same id left, create the run dir
     /// and write the first state.
-    ///
-    /// With `staging` (a VMM started early, see `early`), that directory becomes the run dir:
-    /// it already holds the API socket and the VMM's logs.
     pub fn begin(
         ctx: &'a Context,
         plan: JobPlan,
         disk_dir: Option<&Path>,
-        staging: Option<&Path>,
     ) -> Result<Job<'a>, Failure> {
         let job_id = plan.identity.job_id.clone();
         let paths = JobPaths::new(ctx, &job_id, disk_dir);
@@ -170,17 +164,8 @@ impl<'a> Job<'a> {
         super::gc::collect_job(&paths, false).map_err(|e| {
             Failure::setup(format!("cleaning up after an earlier job {job_id}: {e}"))
         })?;
-        match staging {
-            Some(st) => fs::rename(st, &paths.dir).map_err(|e| {
-                Failure::setup(format!(
-                    "run dir {} (from {}): {e}",
-                    paths.dir.display(),
-                    st.display()
-                ))
-            })?,
-            None => rundir::create_private_dir(&paths.dir)
-                .map_err(|e| Failure::setup(format!("run dir {}: {e}", paths.dir.display())))?,
-        }
+        rundir::create_private_dir(&paths.dir)
+            .map_err(|e| Failure::setup(format!("run dir {}: {e}", paths.dir.display())))?;
         let mut cleanup = Cleanup::new();
         let keep_run_dir = Rc::new(Cell::new(false));
         {
@@ -208,10 +193,8 @@ impl<'a> Job<'a> {
                 _ => Ok(()),
             });
         }
-        if staging.is_none() {
-            // A stale socket makes the VMM exit with "Address already in use".
-            let _ = fs::remove_file(&paths.socket);
-        }
+        // A stale socket makes the VMM exit with "Address already in use".
+        let _ = fs::remove_file(&paths.socket);
         let id = &plan.identity;
         let state = JobState {
             schema: rundir::STATE_SCHEMA,
@@ -330,12 +313,6 @@ impl<'a> Job<'a> {
             &self.paths.vmm_log,
         )
         .map_err(|e| Failure::boot(e.to_string()))?;
-        self.adopt_vmm(v)
-    }
-
-    /// Take charge of a VMM started for this job (by [`Job::spawn_vmm`], or early).
-    pub fn adopt_vmm(&mut self, mut v: Vmm) -> Result<(), Failure> {
-        v.set_log(self.paths.vmm_log.clone());
         self.state.vmm_pid = Some(v.pid);
         self.state.vmm_start_ticks = v.start_ticks;
         self.state.phase = Phase::Booting;
@@ -556,12 +533,6 @@ pub struct Report {
     pub message: String,
     #[serde(default)]
     pub extra: serde_json::Value,
-    /// For a launch: the job and whether `--json` was asked, so that the waiting process can
-    /// print the answer without having parsed the command line itself (see `early`).
-    #[serde(default)]
-    pub job_id: String,
-    #[serde(default)]
-    pub json: bool,
 }
 
 impl Report {
@@ -573,17 +544,7 @@ impl Report {
             reason: "running".into(),
             message: String::new(),
             extra,
-            job_id: String::new(),
-            json: false,
         }
-    }
-
-    /// Name the launch's job and output form, so that the waiting process can print the
-    /// answer without having parsed the command line itself.
-    pub fn for_launch(mut self, job_id: &str, json: bool) -> Report {
-        self.job_id = job_id.to_string();
-        self.json = json;
-        self
     }
 }
 
@@ -613,13 +574,17 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
         ));
     }
     let sup_log = job.paths.dir.join("supervisor.log");
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Failure::setup(format!("socketpair: {e}")))?;
     // SAFETY: the process is single-threaded (checked above), so the child may run any code.
-    match unsafe { fork_with_line() } {
+    match unsafe { nix::unistd::fork() } {
         Err(e) => Err(Failure::setup(format!("fork: {e}"))),
-        Ok(Forked::Parent { mut line, .. }) => {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(theirs);
             job.hand_over();
+            // EOF once the supervisor's end closes (after its report, or when it dies).
             let mut text = String::new();
-            let _ = line.read_to_string(&mut text);
+            let _ = ours.read_to_string(&mut text);
             let report = serde_json::from_str::<Report>(text.trim()).unwrap_or_else(|_| {
                 Failure::setup(format!(
                     "the detached supervisor ended without reporting (see {})",
@@ -629,44 +594,17 @@ pub fn fork_supervisor<'a>(job: Job<'a>) -> Result<(ForkSide, Option<Job<'a>>), 
             });
             Ok((ForkSide::Parent(report), None))
         }
-        Ok(Forked::Child(w)) => {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ours);
+            // A session of its own: the terminal's Ctrl-C and hang-up reach the launching
+            // process only.
+            let _ = nix::unistd::setsid();
             redirect_stdio(&sup_log);
             let mut job = job;
             // Written with the VMM's pid right after the spawn: nothing in between to record.
             job.state.supervisor_pid = std::process::id() as i32;
+            let w = fs::File::from(std::os::fd::OwnedFd::from(theirs));
             Ok((ForkSide::Child(w), Some(job)))
-        }
-    }
-}
-
-/// Either side of [`fork_with_line`].
-pub enum Forked {
-    /// The launching process: its end of the line, and the supervisor's pid.
-    Parent {
-        line: std::os::unix::net::UnixStream,
-        child: nix::unistd::Pid,
-    },
-    /// The supervisor, in a session of its own: its end of the line.
-    Child(fs::File),
-}
-
-/// Fork a detached supervisor with a line back to the launching process (a socketpair; it
-/// reaches EOF when the supervisor's end closes). The child gets its own session, so the
-/// terminal's Ctrl-C and hang-up reach the launching process only.
-///
-/// # Safety
-/// The process must be single-threaded.
-pub unsafe fn fork_with_line() -> io::Result<Forked> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    // SAFETY: the caller guarantees a single-threaded process.
-    match unsafe { nix::unistd::fork() }? {
-        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent { line: ours, child }),
-        nix::unistd::ForkResult::Child => {
-            drop(ours);
-            let _ = nix::unistd::setsid();
-            Ok(Forked::Child(fs::File::from(std::os::fd::OwnedFd::from(
-                theirs,
-            ))))
         }
     }
 }
@@ -856,15 +794,14 @@ fn usage(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
 
 /// Print what the detached supervisor reported (as the launching process), or a launch's
 /// failure before it ran, and return the exit code.
-pub fn print_detached(r: &Report) -> i32 {
-    let job_id = &r.job_id;
+pub fn print_detached(r: &Report, job_id: &str, json: bool) -> i32 {
     if !r.ok {
         let reason = if r.reason.is_empty() {
             "setup_failed"
         } else {
             r.reason.as_str()
         };
-        if r.json {
+        if json {
             let j = serde_json::json!({
                 "job_id": job_id, "exit_code": r.code, "reason": reason, "detail": r.message,
             });
@@ -877,7 +814,7 @@ pub fn print_detached(r: &Report) -> i32 {
         );
         return r.code;
     }
-    if r.json {
+    if json {
         say!("{}", r.extra);
     } else {
         let e = &r.extra;
@@ -894,12 +831,8 @@ pub fn print_detached(r: &Report) -> i32 {
     crate::exit::OK
 }
 
-/// `chvkit launch`. `early`: the VMM already started for it (see `early`).
-pub fn launch(
-    ctx: &Context,
-    a: LaunchArgs,
-    mut early: Option<Box<super::early::EarlyVmm>>,
-) -> anyhow::Result<i32> {
+/// `chvkit launch`.
+pub fn launch(ctx: &Context, a: LaunchArgs) -> anyhow::Result<i32> {
     let job_id = a.job_id.clone().unwrap_or_else(identity::generate_job_id);
     if let Err(e) = identity::validate_job_id(&job_id) {
         return usage(e);
@@ -910,13 +843,11 @@ pub fn launch(
     };
     let sigs = Signals::block()?;
     let json = a.json;
-    // A supervisor forked before the arguments were parsed answers through its line only.
-    let mut early_report = early.as_mut().and_then(|e| e.take_report());
     let t0 = Instant::now();
-    let done = prepare_and_run(ctx, &a, &mut spec, &sigs, early, &mut early_report);
+    let done = prepare_and_run(ctx, &a, &mut spec, &sigs);
     stage(t0, "launch finished");
     match done {
-        Ok(Done::Detached(report)) => Ok(print_detached(&report.for_launch(&job_id, json))),
+        Ok(Done::Detached(report)) => Ok(print_detached(&report, &job_id, json)),
         Ok(Done::DetachedChildEnded(code)) => Ok(code),
         Ok(Done::Finished(out, kept)) => {
             let id = &spec.identity;
@@ -949,14 +880,7 @@ pub fn launch(
             Ok(out.code)
         }
         Err(f) => {
-            let r = f.report().for_launch(&job_id, json);
-            match early_report {
-                // The launching process prints it.
-                Some(mut w) => send_report(&mut w, &r),
-                None => {
-                    print_detached(&r);
-                }
-            }
+            print_detached(&f.report(), &job_id, json);
             Ok(f.code)
         }
     }
@@ -976,15 +900,11 @@ fn stage(t0: Instant, what: &str) {
     );
 }
 
-/// `early_report`: the line of a supervisor forked before the arguments were parsed (see
-/// `early`); taken over once the job exists, left to the caller for failures before that.
 fn prepare_and_run(
     ctx: &Context,
     a: &LaunchArgs,
     spec: &mut LaunchSpec,
     sigs: &Signals,
-    mut early: Option<Box<super::early::EarlyVmm>>,
-    early_report: &mut Option<fs::File>,
 ) -> Result<Done, Failure> {
     let t0 = Instant::now();
     let vmm_bin = vmm::find_binary(ctx).map_err(Failure::setup)?;
@@ -1015,12 +935,7 @@ fn prepare_and_run(
             .map_err(|e| Failure::setup(e.to_string()))?,
         restored_from: None,
     };
-    let mut job = Job::begin(
-        ctx,
-        plan,
-        a.disk_dir.as_deref(),
-        early.as_ref().map(|e| e.staging()),
-    )?;
+    let mut job = Job::begin(ctx, plan, a.disk_dir.as_deref())?;
     stage(t0, "locked, run dir and state written");
     if landlock {
         let mut dirs = vec![job.paths.snapshots.clone()];
@@ -1033,13 +948,7 @@ fn prepare_and_run(
         job.state.landlock_write_dirs = dirs;
     }
     let mut reporter = None;
-    let mut job = if let Some(r) = early_report.take() {
-        // Forked before the command line was parsed: from now on the caller hears from us
-        // through the report only (the last copy of it closes after the report is sent).
-        redirect_stdio(&job.paths.dir.join("supervisor.log"));
-        reporter = Some(r);
-        job
-    } else if a.detach {
+    let mut job = if a.detach {
         match fork_supervisor(job)? {
             (ForkSide::Parent(report), _) => return Ok(Done::Detached(report)),
             (ForkSide::Child(w), Some(j)) => {
@@ -1059,10 +968,7 @@ fn prepare_and_run(
     let booted = (|| -> Result<Client, Failure> {
         // The VMM starts (exec, API socket: a few ms) while the disk, env disk and TAP are
         // prepared; it needs none of them before vm.create/vm.boot.
-        match early.as_mut().and_then(|e| e.take_vmm()) {
-            Some(v) => job.adopt_vmm(v)?,
-            None => job.spawn_vmm()?,
-        }
+        job.spawn_vmm()?;
         stage(t0, "VMM spawned");
         let d = job.prepare_disk(&spec.rootfs)?;
         stage(t0, "per-job disk ready");
@@ -1114,10 +1020,7 @@ fn prepare_and_run(
             }
             job.finish(Some(f.exit_info()), false);
             if let Some(mut w) = reporter {
-                send_report(
-                    &mut w,
-                    &f.report().for_launch(&spec.identity.job_id, a.json),
-                );
+                send_report(&mut w, &f.report());
                 return Ok(Done::DetachedChildEnded(f.code));
             }
             return Err(f);
@@ -1135,8 +1038,7 @@ fn prepare_and_run(
                 "run_dir": job.paths.dir, "api_socket": st.api_socket,
                 "serial_log": st.serial_log, "boot_ms": boot_ms,
                 "booted_at": st.booted_at,
-            }))
-            .for_launch(&st.job_id, a.json),
+            })),
         );
     }
     drop(reporter);

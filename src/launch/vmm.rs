@@ -113,8 +113,7 @@ impl Vmm {
         fs::set_permissions(socket, fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
         let lfd = listener.as_raw_fd();
         let out = open_append(log)?;
-        // Opened here and handed over as a descriptor: the run dir may be renamed into place
-        // while the VMM starts (see `early`), and a path would then name nothing.
+        // Opened (truncated) here and handed over as a descriptor, like the API socket.
         let ev = open_truncate(events)?;
         let null = File::open("/dev/null")?;
         let args = vmm_args(lfd, ev.as_raw_fd());
@@ -150,11 +149,6 @@ impl Vmm {
             log: log.to_path_buf(),
             status: None,
         })
-    }
-
-    /// Where the VMM's output is now (its staging directory was renamed into the run dir).
-    pub fn set_log(&mut self, log: PathBuf) {
-        self.log = log;
     }
 
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
