@@ -276,11 +276,17 @@ fn installed_kernel_on_pvm_needs_the_pvm_changes() {
     let human = e.human(Host::Pvm, None);
     assert!(human.contains("PASS  kernel.guest  "), "{human}");
 
-    // The record says the kernel lacks the changes (a distro kernel, say).
-    e.record("build", false, false);
+    // A kernel without the marker is not known to run here: a warning.
+    e.record("path", false, false);
+    let r = e.doctor(Host::Pvm, None, &[]);
+    r.assert_level("kernel.guest", "WARN");
+    r.assert_says("kernel.guest", "summary", "not known to run on this PVM host");
+    // The distribution's kernel is known to be unmodified: it cannot run here.
+    e.write(&format!("{STATE}/initramfs.img"), b"\x1f\x8b");
+    e.record("distro", false, true);
     let r = e.doctor(Host::Pvm, None, &[]);
     r.assert_level("kernel.guest", "FAIL");
-    r.assert_says("kernel.guest", "summary", "lacks chvkit's PVM changes");
+    r.assert_says("kernel.guest", "summary", "unmodified kernel");
     r.assert_says("kernel.guest", "detail", "user-mode SYSCALL");
     r.assert_says("kernel.guest", "detail", "clearcpuid=");
     assert_eq!(
@@ -309,7 +315,7 @@ fn unrecorded_kernel_is_scanned_for_the_marker_on_pvm() {
         "cannot be verified without the kernel's config",
     );
     let r = e.doctor(Host::Pvm, None, &[("CHV_KERNEL_PATH", "/k/vmlinux-plain")]);
-    r.assert_level("kernel.guest", "FAIL");
+    r.assert_level("kernel.guest", "WARN");
     r.assert_says("kernel.guest", "hint", "unset CHV_KERNEL_PATH");
     // Not duplicated: the file's format is kernel.file's and it passes.
     r.assert_level("kernel.file", "PASS");
@@ -427,6 +433,6 @@ fn chv_kernel_path_overrides_the_installed_kernel() {
     e.record("build", true, false);
     e.write("/k/vmlinux-plain", &pvh_elf(false));
     let r = e.doctor(Host::Pvm, None, &[("CHV_KERNEL_PATH", "/k/vmlinux-plain")]);
-    r.assert_level("kernel.guest", "FAIL");
+    r.assert_level("kernel.guest", "WARN");
     r.assert_says("kernel.guest", "detail", "overrides the installed kernel");
 }

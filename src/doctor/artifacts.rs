@@ -907,6 +907,10 @@ pub fn guest_verdict(g: &Guest, h: &GuestHost<'_>) -> Finding {
     }
 
     // The host kind.
+    const PVM_WHY: &str = "this host's /dev/kvm is PVM: an unmodified kernel cannot reach user \
+         space here (facts: user-mode SYSCALL). PVM enters the guest's system call entry without \
+         switching to kernel mode, so init's first system call faults and init dies with \
+         SIGSEGV. chvkit's recipe (kernel.source `build`) carries the fix.";
     let line = guest_cmdline(k, h);
     let mut pvm_ready = false;
     if h.pvm {
@@ -927,23 +931,33 @@ pub fn guest_verdict(g: &Guest, h: &GuestHost<'_>) -> Finding {
                         .to_string(),
                 );
             }
-            Some(Ok(false)) => {
+            // A distribution kernel is known to be unmodified: it cannot run here. Any other
+            // kernel without the marker may carry PVM changes of its own (a hand-built one,
+            // say): not known to run here, which is a warning, not a verdict.
+            Some(Ok(false)) if rec.is_some_and(|r| r.source == "distro") => {
                 issues.push(Issue {
                     level: Level::Fail,
                     summary: format!(
-                        "{shown} lacks chvkit's PVM changes: it cannot reach user space on this \
-                         PVM host"
+                        "{shown} is the distribution's unmodified kernel: it cannot reach user \
+                         space on this PVM host"
                     ),
                     hint: fix,
                 });
-                detail.push(
-                    "this host's /dev/kvm is PVM: an unmodified kernel cannot reach user space \
-                     here (facts: user-mode SYSCALL). PVM enters the guest's system call entry \
-                     without switching to kernel mode, so init's first system call faults and \
-                     init dies with SIGSEGV. chvkit's recipe (kernel.source `build`) carries the \
-                     fix."
-                        .to_string(),
-                );
+                detail.push(PVM_WHY.to_string());
+            }
+            Some(Ok(false)) => {
+                issues.push(Issue {
+                    level: Level::Warn,
+                    summary: format!(
+                        "{shown} is not known to run on this PVM host (no chvkit PVM marker)"
+                    ),
+                    hint: fix,
+                });
+                detail.push(format!(
+                    "{PVM_WHY} A kernel with equivalent changes of its own may run; this one \
+                     does not carry chvkit's marker (`chvkit-pvm-syscall-fixup-v1`), so doctor \
+                     cannot tell."
+                ));
             }
             Some(Err(e)) => {
                 issues.push(Issue {
@@ -1233,11 +1247,12 @@ mod tests {
             .contains("Linux 6.1.0-57-cloud-amd64 (CHV_KERNEL_PATH)"));
         assert!(f.detail.contains("unpacks it"));
 
-        // The marker scan decides on PVM.
+        // The marker scan decides on PVM: without it a kernel is not known to run there.
         let mut k = kernel(GuestOrigin::ProfilePath, None);
         k.pvm_marker = Some(Ok(false));
         let f = guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM);
-        assert_eq!(f.level, Level::Fail);
+        assert_eq!(f.level, Level::Warn);
+        assert!(f.summary.contains("not known to run"), "{f:?}");
         assert_eq!(f.hint.as_deref(), Some("sudo chvkit kernel --source build"));
         k.pvm_marker = Some(Ok(true));
         assert_eq!(
@@ -1252,11 +1267,16 @@ mod tests {
         ));
         let f = guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM);
         assert_eq!(f.level, Level::Warn, "{f:?}");
+        // A driver missing fails, and the PVM warning is kept beside it.
+        k.config = Some(KernelConfig::parse(
+            &PathBuf::from("/boot/config-x"),
+            "CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_NET=y\nCONFIG_EXT4_FS=y\n",
+        ));
         k.pvm_marker = Some(Ok(false));
         let f = guest_verdict(&guest(KernelSource::Path, k.clone()), &PVM);
         assert_eq!(f.level, Level::Fail, "{f:?}");
-        assert!(f.summary.contains("PVM"), "{f:?}");
         assert!(f.detail.contains("Also: "), "{f:?}");
+        assert!(f.detail.contains("PVM"), "{f:?}");
     }
 
     #[test]

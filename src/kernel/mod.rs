@@ -454,10 +454,17 @@ pub fn run(ctx: &Context, a: KernelArgs) -> anyhow::Result<i32> {
     println!("  sha256:    {}", rec.vmlinux_sha256);
     println!("  cmdline:   {}", p.cmdline);
     if cmdline::HostKind::detect() == cmdline::HostKind::Pvm && !rec.pvm_ready {
-        println!(
-            "  warning:   this host's /dev/kvm is PVM, and this kernel lacks chvkit's PVM changes: \
-             it will not reach user space here (use kernel.source: build)"
-        );
+        if rec.source == KernelSource::Distro.as_str() {
+            println!(
+                "  warning:   this host's /dev/kvm is PVM: the distribution's unmodified kernel \
+                 cannot reach user space here (use kernel.source: build)"
+            );
+        } else {
+            println!(
+                "  warning:   this host's /dev/kvm is PVM, and this kernel lacks chvkit's PVM \
+                 marker: it is not known to run here (kernel.source: build does)"
+            );
+        }
     }
     Ok(crate::exit::OK)
 }
