@@ -57,24 +57,12 @@ CMD [\"/usr/local/bin/workload\"]
 fn image() -> Option<&'static PathBuf> {
     static IMG: OnceLock<Option<PathBuf>> = OnceLock::new();
     IMG.get_or_init(|| {
-        // A static is never dropped: remove what earlier (finished) runs of this binary left.
-        for e in fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("chvkit-boot-img-") {
-                if !Path::new("/proc").join(pid).exists() {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let dir = std::env::temp_dir().join(format!("chvkit-boot-img-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let out = dir.join("base.raw");
-        qemu::build_busybox_image(&dir, DOCKERFILE, WORKLOAD, &out);
-        Some(out)
+        Some(qemu::build_busybox_image_once(
+            "chvkit-boot-img-",
+            "base.raw",
+            DOCKERFILE,
+            WORKLOAD,
+        ))
     })
     .as_ref()
 }

@@ -56,24 +56,7 @@ CMD [\"/usr/local/bin/workload\", \"arg-one\", \"arg two\"]
 pub fn image() -> &'static PathBuf {
     static IMG: OnceLock<PathBuf> = OnceLock::new();
     IMG.get_or_init(|| {
-        // A static is never dropped: remove what earlier (finished) runs left.
-        for e in fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("chvkit-e2e-img-") {
-                if !Path::new("/proc").join(pid).exists() {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let dir = std::env::temp_dir().join(format!("chvkit-e2e-img-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let out = dir.join("job.raw");
-        qemu::build_busybox_image(&dir, DOCKERFILE, WORKLOAD, &out);
-        out
+        qemu::build_busybox_image_once("chvkit-e2e-img-", "job.raw", DOCKERFILE, WORKLOAD)
     })
 }
 

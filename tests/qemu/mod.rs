@@ -487,6 +487,34 @@ pub fn write_exec(path: &Path, text: &str) {
 /// Build a guest image with `chvkit rootfs` from a busybox-static context: `dockerfile` may
 /// `COPY busybox` and `COPY workload.sh`, which hold the host's /bin/busybox and `workload`.
 /// Scratch lives under `dir`; the image is written to `out`.
+/// [`build_busybox_image`] into `<tmp>/<prefix><pid>/<name>`, for an image a test binary
+/// builds once and keeps in a static: a static is never dropped, so the directories that
+/// earlier (finished) runs left are removed first.
+pub fn build_busybox_image_once(
+    prefix: &str,
+    name: &str,
+    dockerfile: &str,
+    workload: &str,
+) -> PathBuf {
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = file.strip_prefix(prefix) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let out = dir.join(name);
+    build_busybox_image(&dir, dockerfile, workload, &out);
+    out
+}
+
 pub fn build_busybox_image(dir: &Path, dockerfile: &str, workload: &str, out: &Path) {
     let ctx = dir.join("ctx");
     fs::create_dir_all(&ctx).expect("create build context");
