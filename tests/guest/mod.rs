@@ -4,7 +4,6 @@
 //! Use with `#[path = "guest/mod.rs"] mod guest;` next to `mod common;` and `mod qemu;`.
 #![allow(dead_code)]
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
