@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod envfile;
 pub mod fsutil;
 pub mod host;
+pub mod jail;
 pub mod kernel;
 pub mod launch;
 pub mod lockfile;

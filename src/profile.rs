@@ -55,6 +55,37 @@ pub struct Profile {
     pub network: Network,
     pub vm: VmDefaults,
     pub paths: Paths,
+    /// How launch confines each job's VMM (`chvkit launch --jail`). Absent: the defaults.
+    #[serde(default)]
+    pub launch: LaunchLimits,
+}
+
+/// The per-job jail: an unprivileged uid/gid of the job's own and a cgroup around the VMM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchLimits {
+    /// `[first, last]` uids (and the same gids) handed to jobs' VMMs, one per live job. No
+    /// passwd entries are needed.
+    pub uid_range: [u32; 2],
+    /// Memory the VMM itself may use above the guest's memory (cgroup memory limit = guest
+    /// memory + this).
+    pub vmm_overhead_mib: u32,
+    /// Most tasks (processes and threads) in the job's cgroup.
+    pub pids_max: u32,
+    /// CPU weight (cgroup v2 `cpu.weight`, 1-10000, 100 is the default; v1 `cpu.shares` =
+    /// weight * 1024 / 100).
+    pub cpu_weight: u32,
+}
+
+impl Default for LaunchLimits {
+    fn default() -> Self {
+        LaunchLimits {
+            uid_range: [200_000, 265_535],
+            vmm_overhead_mib: 64,
+            pids_max: 256,
+            cpu_weight: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -237,6 +268,34 @@ impl Profile {
         }
         if self.vm.vcpus == 0 {
             return Err(sem("vm.vcpus", "`0`: a VM needs at least one vCPU".into()));
+        }
+        let [first, last] = self.launch.uid_range;
+        if first == 0 || first > last {
+            return Err(sem(
+                "launch.uid_range",
+                format!("`[{first}, {last}]`: needs 0 < first <= last (uid 0 is root)"),
+            ));
+        }
+        if last >= u32::MAX - 1 {
+            return Err(sem(
+                "launch.uid_range",
+                format!("`{last}`: (u32)-1 and -2 are not usable ids"),
+            ));
+        }
+        if !(1..=10_000).contains(&self.launch.cpu_weight) {
+            return Err(sem(
+                "launch.cpu_weight",
+                format!("`{}`: must be 1-10000", self.launch.cpu_weight),
+            ));
+        }
+        if self.launch.pids_max < 16 {
+            return Err(sem(
+                "launch.pids_max",
+                format!(
+                    "`{}`: the VMM alone runs a dozen threads",
+                    self.launch.pids_max
+                ),
+            ));
         }
         if self.vm.memory_mib < 64 {
             return Err(sem(

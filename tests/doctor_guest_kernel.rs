@@ -280,7 +280,11 @@ fn installed_kernel_on_pvm_needs_the_pvm_changes() {
     e.record("path", false, false);
     let r = e.doctor(Host::Pvm, None, &[]);
     r.assert_level("kernel.guest", "WARN");
-    r.assert_says("kernel.guest", "summary", "not known to run on this PVM host");
+    r.assert_says(
+        "kernel.guest",
+        "summary",
+        "not known to run on this PVM host",
+    );
     // The distribution's kernel is known to be unmodified: it cannot run here.
     e.write(&format!("{STATE}/initramfs.img"), b"\x1f\x8b");
     e.record("distro", false, true);

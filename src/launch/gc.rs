@@ -45,6 +45,25 @@ pub fn collect_job(paths: &JobPaths, dry_run: bool) -> Result<Vec<String>, Strin
             }
         }
     }
+    // The VMM's cgroup (`--jail on`): whatever still runs in it is killed, then it goes.
+    if let Some(cg) = state
+        .as_ref()
+        .and_then(|st| st.jail.as_ref())
+        .and_then(|j| j.cgroup.as_ref())
+        .filter(|cg| cg.exists())
+    {
+        done.push(verb(format!(
+            "remove cgroup {}",
+            cg.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+        if !dry_run {
+            cg.remove().map_err(|e| e.to_string())?;
+        }
+    }
     // Only a TAP a state file records is ours: without one, this job never got as far as
     // creating it (the state is written first), and a TAP of that name belongs to someone else.
     let tap_name = state.as_ref().map(|st| st.tap.clone());
@@ -94,6 +113,17 @@ pub fn collect_job(paths: &JobPaths, dry_run: bool) -> Result<Vec<String>, Strin
         done.push(verb(format!("remove socket {}", paths.socket.display())));
         if !dry_run {
             remove_file(&paths.socket)?;
+        }
+    }
+    // A jailed restore handed the snapshot's files (linked into restore/) to the job's uid:
+    // they outlive it, its uid goes to later jobs.
+    if state.as_ref().is_some_and(|st| st.jail.is_some()) && paths.restore_dir.exists() {
+        done.push(verb(format!(
+            "give the snapshot files in {} back to root",
+            paths.restore_dir.display()
+        )));
+        if !dry_run {
+            crate::jail::reclaim_dir(&paths.restore_dir).map_err(|e| e.to_string())?;
         }
     }
     if paths.dir.exists() {
@@ -148,6 +178,7 @@ pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    failures += gc_orphan_cgroups(ctx, a.dry_run);
     if a.bases {
         failures += gc_bases(ctx, a.dry_run);
     }
@@ -165,6 +196,37 @@ pub fn run(ctx: &Context, a: GcArgs) -> anyhow::Result<i32> {
     } else {
         crate::exit::OK
     })
+}
+
+/// Remove job cgroups of this runtime dir whose job is not alive and has no state left to
+/// name them (a launch killed between creating its cgroup and recording it; a run dir
+/// removed by hand). Whatever still runs in one is killed.
+fn gc_orphan_cgroups(ctx: &Context, dry_run: bool) -> i32 {
+    let runtime = rundir::runtime_dir(ctx);
+    let mut failures = 0;
+    for (name, cg) in crate::jail::cgroup::job_cgroups() {
+        let Some(job) = crate::jail::job_of_cgroup(&name, &runtime) else {
+            continue;
+        };
+        if identity::validate_job_id(job).is_err() {
+            continue;
+        }
+        let paths = JobPaths::new(ctx, job, None);
+        if JobLock::is_held(&paths.lock) {
+            continue;
+        }
+        say!(
+            "{job}: {}remove orphan cgroup {name}",
+            if dry_run { "would " } else { "" }
+        );
+        if !dry_run {
+            if let Err(e) = cg.remove() {
+                eprintln!("chvkit gc: {job}: {e}");
+                failures += 1;
+            }
+        }
+    }
+    failures
 }
 
 /// Remove cached bases whose rootfs changed or vanished and that no job's state names.

@@ -26,6 +26,7 @@ pub mod vmm;
 
 use std::path::PathBuf;
 
+pub use crate::jail::JailMode;
 use crate::Context;
 
 /// Exit codes of `launch` besides the guest's own (0..=255 from `CHVKIT_EXIT=<n>`). They overlap
@@ -129,6 +130,11 @@ pub struct LaunchArgs {
     /// Extra directory the (Landlocked) VMM may write snapshots under (repeatable).
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Vec<PathBuf>,
+    /// Confine the VMM: a uid/gid of the job's own (profile `launch.uid_range`), no
+    /// capabilities, no_new_privs, and a cgroup with memory, pids and CPU limits. `off` runs it
+    /// as root (hosts without cgroup access); `auto` jails when the host can, else warns.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub jail: JailMode,
     /// Where per-job disks go (default <state_dir>/disks). Put it on the rootfs's filesystem
     /// to get reflinks where the filesystem supports them.
     #[arg(long, value_name = "DIR")]
@@ -171,6 +177,9 @@ pub enum VmCommand {
         json: bool,
         #[arg(long, value_enum, default_value = "auto")]
         landlock: LandlockMode,
+        /// The same jail as `launch --jail` (the snapshot's uid again when it is free).
+        #[arg(long, value_enum, default_value = "auto")]
+        jail: JailMode,
     },
     /// Stop a job: vm.shutdown, vmm.shutdown, SIGKILL after the grace period; remove
     /// everything it used.

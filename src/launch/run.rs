@@ -25,6 +25,7 @@ use super::identity::{self, Identity};
 use super::rundir::{self, ExitInfo, JobLock, JobPaths, JobState, Phase};
 use super::vmm::{self, Vmm};
 use super::{code, tap, LandlockMode, LaunchArgs};
+use crate::jail::{self, Cgroup, Jail};
 use crate::Context;
 
 /// Why a job did not get to run (or how it ended early), with its exit code.
@@ -113,6 +114,8 @@ pub struct Job<'a> {
     lock: Option<JobLock>,
     cleanup: Cleanup,
     pub vmm: Option<Vmm>,
+    /// The VMM's jail (`--jail on`), entered by the VMM's child side before it executes.
+    pub jail: Option<Jail>,
     /// A detached job that ended keeps its run dir (state with the exit, logs) for `vm ls` and
     /// `vm logs` until `vm stop` or `gc`.
     keep_run_dir: Rc<Cell<bool>>,
@@ -227,6 +230,7 @@ impl<'a> Job<'a> {
             landlock_write_dirs: plan.landlock_write_dirs,
             restored_from: plan.restored_from,
             log_dir: plan.log_dir,
+            jail: None,
             exit: None,
         };
         let job = Job {
@@ -236,11 +240,21 @@ impl<'a> Job<'a> {
             lock: Some(lock),
             cleanup,
             vmm: None,
+            jail: None,
             keep_run_dir,
             finished: false,
         };
         job.save_state()?;
         Ok(job)
+    }
+
+    /// Register an undo step of the caller's own (run in reverse order with the others).
+    pub fn on_cleanup(
+        &mut self,
+        what: impl Into<String>,
+        f: impl FnOnce() -> Result<(), String> + 'static,
+    ) {
+        self.cleanup.push(what, f);
     }
 
     pub fn save_state(&self) -> Result<(), Failure> {
@@ -255,11 +269,16 @@ impl<'a> Job<'a> {
             self.paths.dir.join(super::vm::HANDOVER_MARKER),
             self.state.keep_disk,
         );
+        let jailed = self.jail.is_some();
         self.cleanup.push("remove per-job disk", move || {
             // `vm snapshot --stop` may have taken the disk over since.
             let handed_over = marker.exists();
             if keep || handed_over {
                 tracing::info!(disk = %path.display(), "keeping the per-job disk");
+                if jailed && keep {
+                    // It outlives the job; the job's uid goes to later jobs.
+                    jail::reclaim(&path).map_err(|e| e.to_string())?;
+                }
                 return Ok(());
             }
             match fs::remove_file(&path) {
@@ -278,24 +297,137 @@ impl<'a> Job<'a> {
         self.register_disk_removal(&d);
         self.state.disk = Some(d.clone());
         self.save_state()?;
+        self.jail_disk(&d)?;
         Ok(d)
+    }
+
+    /// Hand the per-job disk to the job's uid; its base readable, never writable, by it.
+    fn jail_disk(&self, d: &JobDisk) -> Result<(), Failure> {
+        let Some(j) = &self.jail else {
+            return Ok(());
+        };
+        let f = |e: io::Error| Failure::setup(e.to_string());
+        j.give(&d.path).map_err(f)?;
+        j.check_access(&d.path, true).map_err(Failure::setup)?;
+        if let Some(b) = &d.base {
+            j.share_read_only(b).map_err(f)?;
+            j.check_access(b, false).map_err(Failure::setup)?;
+        }
+        Ok(())
+    }
+
+    /// Enter `--jail on` for this job, before the VMM is spawned: pick the job's uid (under the
+    /// runtime dir's uid lock, skipping every uid another job records; `prefer` first when
+    /// free), create its cgroup (removed on every cleanup path), make the run dir enterable by
+    /// the job's group only, and the serial log the VMM's.
+    pub fn enter_jail(
+        &mut self,
+        limits: &crate::profile::LaunchLimits,
+        prefer: Option<u32>,
+    ) -> Result<(), Failure> {
+        jail::host_can_jail().map_err(|e| Failure::setup(format!("--jail on: {e}")))?;
+        let f = |e: io::Error| Failure::setup(e.to_string());
+        // The runtime dir: searchable (not listable) by the jobs' uids.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&self.paths.runtime, fs::Permissions::from_mode(0o711))
+                .map_err(|e| Failure::setup(format!("{}: {e}", self.paths.runtime.display())))?;
+        }
+        let uid = {
+            let _lock = jail::lock_uids(&self.paths.runtime).map_err(f)?;
+            let mut used = std::collections::BTreeSet::new();
+            for id in rundir::list_jobs(self.ctx) {
+                if id == self.paths.job_id {
+                    continue;
+                }
+                let p = JobPaths::new(self.ctx, &id, None);
+                if let Ok(st) = JobState::load(&p.state) {
+                    if let Some(j) = st.jail {
+                        used.insert(j.uid);
+                    }
+                }
+            }
+            used.extend(jail::uids_running(limits.uid_range));
+            let uid = match prefer {
+                Some(u) if !used.contains(&u) => u,
+                _ => jail::pick_uid(&self.paths.job_id, limits.uid_range, &used)
+                    .map_err(Failure::setup)?,
+            };
+            // Recorded before the lock is released: the next launch sees it.
+            self.state.jail = Some(jail::JailRecord {
+                uid,
+                gid: uid,
+                kvm_gid: jail::kvm_gid().map_err(f)?,
+                cgroup: None,
+            });
+            self.save_state()?;
+            uid
+        };
+        let cg_limits = jail::Limits {
+            memory_max: jail::memory_limit(self.state.memory_mib, limits),
+            pids_max: limits.pids_max,
+            cpu_weight: limits.cpu_weight,
+        };
+        let name = jail::cgroup_name(&self.paths.job_id, &self.paths.runtime);
+        let cg = Cgroup::create(&name, &cg_limits)
+            .map_err(|e| Failure::setup(format!("cgroup for job {}: {e}", self.paths.job_id)))?;
+        {
+            let c = cg.clone();
+            self.cleanup.push("remove cgroup", move || {
+                c.remove().map_err(|e| e.to_string())
+            });
+        }
+        if let Some(r) = self.state.jail.as_mut() {
+            r.cgroup = Some(cg.clone());
+        }
+        self.save_state()?;
+        let j = Jail::new(uid, Some(cg)).map_err(f)?;
+        j.enter_only(&self.paths.dir).map_err(f)?;
+        // The VMM opens the serial log itself: it must be the job's.
+        vmm::open_append(&self.paths.serial).map_err(f)?;
+        j.give(&self.paths.serial).map_err(f)?;
+        j.check_access(&self.paths.serial, true)
+            .map_err(Failure::setup)?;
+        self.jail = Some(j);
+        Ok(())
     }
 
     /// Adopt an existing file as the per-job disk (restore).
     pub fn adopt_disk(&mut self, d: JobDisk) -> Result<(), Failure> {
         self.register_disk_removal(&d);
-        self.state.disk = Some(d);
-        self.save_state()
+        self.state.disk = Some(d.clone());
+        self.save_state()?;
+        self.jail_disk(&d)
     }
 
     pub fn write_env_disk(&mut self, env: &[(String, String)]) -> Result<(), Failure> {
-        disk::write_env_disk(&self.paths.env_disk, env).map_err(|e| Failure::setup(e.to_string()))
+        disk::write_env_disk(&self.paths.env_disk, env)
+            .map_err(|e| Failure::setup(e.to_string()))?;
+        self.jail_env_disk()
+    }
+
+    /// The env disk is the job's (read-only to the guest, mode 0600).
+    pub fn jail_env_disk(&self) -> Result<(), Failure> {
+        if let Some(j) = &self.jail {
+            j.give(&self.paths.env_disk)
+                .map_err(|e| Failure::setup(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// A file the jailed VMM must read (kernel, initramfs, firmware, snapshot files).
+    pub fn check_readable(&self, p: &Path) -> Result<(), Failure> {
+        match &self.jail {
+            Some(j) => j.check_access(p, false).map_err(Failure::setup),
+            None => Ok(()),
+        }
     }
 
     /// Create the TAP persistent, register its deletion, attach it isolated, bring it up.
     pub fn create_tap(&mut self) -> Result<(), Failure> {
         let name = self.state.tap.clone();
-        tap::create_persistent(&name).map_err(|e| Failure::setup(e.to_string()))?;
+        let owner = self.jail.as_ref().map(|j| (j.record.uid, j.record.gid));
+        tap::create_persistent_owned(&name, owner).map_err(|e| Failure::setup(e.to_string()))?;
         {
             let n = name.clone();
             self.cleanup.push(format!("delete TAP {name}"), move || {
@@ -311,8 +443,12 @@ impl<'a> Job<'a> {
             &self.paths.socket,
             &self.paths.events,
             &self.paths.vmm_log,
+            self.jail.as_ref().map(Jail::child),
         )
         .map_err(|e| Failure::boot(e.to_string()))?;
+        if let Some(j) = self.jail.as_mut() {
+            j.spawned();
+        }
         self.state.vmm_pid = Some(v.pid);
         self.state.vmm_start_ticks = v.start_ticks;
         self.state.phase = Phase::Booting;
@@ -429,6 +565,29 @@ fn acquire_lock(paths: &JobPaths) -> Result<JobLock, Failure> {
                 )))
             }
         }
+    }
+}
+
+/// Decide the jail: `on` and `off` as asked (`on` fails later, clearly, where it cannot be
+/// done); `auto` on when [`jail::auto_check`] passes, otherwise off with a warning saying why.
+pub fn jail_enabled(
+    mode: super::JailMode,
+    limits: &crate::profile::LaunchLimits,
+    files: &[&Path],
+    parents: &[&Path],
+) -> bool {
+    match mode {
+        super::JailMode::On => true,
+        super::JailMode::Off => false,
+        super::JailMode::Auto => match jail::auto_check(limits, files, parents) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    "the VMM runs unjailed, as root with every capability (--jail auto): {why}; `--jail off` says this is intended"
+                );
+                false
+            }
+        },
     }
 }
 
@@ -674,12 +833,27 @@ pub fn supervise(
         if let Some(s) = sigs.pending() {
             break Ending::Signal(s);
         }
-        match vmm.try_wait() {
-            Ok(Some(st)) => break Ending::Exited(st),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("waitpid: {e}"),
-        }
+        let exited = match vmm.try_wait() {
+            Ok(st) => st,
+            Err(e) => {
+                tracing::warn!("waitpid: {e}");
+                None
+            }
+        };
         let evs = events.poll().unwrap_or_default();
+        if let Some(st) = exited {
+            // A VMM that died while the guest rebooted or panicked died of that: a jailed VMM
+            // cannot redo the TAP's set-up on its in-process reboot (it sets the MAC it
+            // recorded, which needs CAP_NET_ADMIN) and exits.
+            let cause = evs.iter().find(|e| {
+                e.is("vm", "rebooting") || e.is("vm", "rebooted") || e.is("guest", "panic")
+            });
+            break match cause {
+                Some(e) if !st.success() && e.source == "guest" => Ending::Panicked,
+                Some(_) if !st.success() => Ending::Rebooted,
+                _ => Ending::Exited(st),
+            };
+        }
         if let Some(e) = evs
             .iter()
             .find(|e| e.is("vm", "rebooting") || e.is("vm", "rebooted") || e.is("guest", "panic"))
@@ -916,6 +1090,24 @@ fn prepare_and_run(
         disk::check_firmware_bootable(&spec.rootfs).map_err(|e| Failure::boot(e.to_string()))?;
     }
     let landlock = landlock_enabled(a.landlock)?;
+    let jailed = {
+        let paths = JobPaths::new(ctx, &spec.identity.job_id, a.disk_dir.as_deref());
+        let files: Vec<&Path> = match &spec.boot {
+            Boot::Kernel {
+                kernel, initramfs, ..
+            } => std::iter::once(kernel.as_path())
+                .chain(initramfs.as_deref())
+                .collect(),
+            Boot::Firmware { firmware, .. } => vec![firmware.as_path()],
+        };
+        let disk_dir = paths.disk_stem.parent().unwrap_or(Path::new("/"));
+        let parents = [
+            paths.runtime.parent().unwrap_or(Path::new("/")),
+            disk_dir.parent().unwrap_or(Path::new("/")),
+            paths.bases.parent().unwrap_or(Path::new("/")),
+        ];
+        jail_enabled(a.jail, &ctx.profile.launch, &files, &parents)
+    };
     let plan = JobPlan {
         identity: spec.identity.clone(),
         bridge: spec.bridge.clone(),
@@ -946,6 +1138,21 @@ fn prepare_and_run(
         }
         spec.landlock_write_dirs = dirs.clone();
         job.state.landlock_write_dirs = dirs;
+    }
+    if jailed {
+        job.enter_jail(&ctx.profile.launch, None)?;
+        stage(t0, "jail ready");
+        match &spec.boot {
+            Boot::Kernel {
+                kernel, initramfs, ..
+            } => {
+                job.check_readable(kernel)?;
+                if let Some(i) = initramfs {
+                    job.check_readable(i)?;
+                }
+            }
+            Boot::Firmware { firmware, .. } => job.check_readable(firmware)?,
+        }
     }
     let mut reporter = None;
     let mut job = if a.detach {

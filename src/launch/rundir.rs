@@ -91,19 +91,20 @@ pub fn runtime_dir(ctx: &Context) -> PathBuf {
     ctx.root.path(ctx.profile.paths.runtime_dir.as_path())
 }
 
-/// Create a directory with mode 0700 (and its parents).
+/// Create a directory with mode 0700 (and its parents); an existing one is left as it is.
 pub fn create_private_dir(p: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(parent) = p.parent() {
         fs::create_dir_all(parent)?;
     }
     match fs::DirBuilder::new().mode(0o700).create(p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+        // The umask may have cut bits; make the mode exact.
+        Ok(()) => fs::set_permissions(p, fs::Permissions::from_mode(0o700)),
+        // An existing one keeps its mode: the runtime dir is 0711 once a jailed job made it
+        // searchable, and a concurrent launch taking its lock must not undo that.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
+        Err(e) => Err(e),
     }
-    // The umask may have cut bits; make the mode exact.
-    fs::set_permissions(p, fs::Permissions::from_mode(0o700))
 }
 
 /// The job's lock. Dropping it releases the lock; [`JobLock::release_and_remove`] also unlinks
@@ -269,6 +270,9 @@ pub struct JobState {
     pub restored_from: Option<PathBuf>,
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+    /// The VMM's jail (`--jail on`): its uid/gid and cgroup. `None`: the VMM runs as root.
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailRecord>,
     #[serde(default)]
     pub exit: Option<ExitInfo>,
 }

@@ -57,6 +57,8 @@ struct IfReq {
 
 nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, IfReq);
 nix::ioctl_write_int_bad!(tunsetpersist, 0x4004_54cb);
+nix::ioctl_write_int_bad!(tunsetowner, 0x4004_54cc);
+nix::ioctl_write_int_bad!(tunsetgroup, 0x4004_54ce);
 
 fn ifreq(name: &str, flags: libc::c_int) -> IfReq {
     let mut r = IfReq {
@@ -76,11 +78,17 @@ fn ifreq(name: &str, flags: libc::c_int) -> IfReq {
 /// opens later. The close waits for an RCU grace period (`synchronize_net` in tun's detach):
 /// from 0.05 ms to several ms on a busy host.
 pub fn create_persistent(name: &str) -> Result<(), TapError> {
-    open_persistent(name).map(drop)
+    open_persistent(name, None).map(drop)
+}
+
+/// [`create_persistent`], owned by `owner` (uid, gid: `TUNSETOWNER`/`TUNSETGROUP`), so that a
+/// VMM running as that uid, without CAP_NET_ADMIN, may attach to it.
+pub fn create_persistent_owned(name: &str, owner: Option<(u32, u32)>) -> Result<(), TapError> {
+    open_persistent(name, owner).map(drop)
 }
 
 /// [`create_persistent`], keeping the descriptor that holds the TAP's queue.
-fn open_persistent(name: &str) -> Result<fs::File, TapError> {
+fn open_persistent(name: &str, owner: Option<(u32, u32)>) -> Result<fs::File, TapError> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -99,6 +107,17 @@ fn open_persistent(name: &str) -> Result<fs::File, TapError> {
             name: name.to_string(),
             source: e.into(),
         });
+    }
+    if let Some((uid, gid)) = owner {
+        // SAFETY: plain integer ioctls on the tun fd.
+        unsafe {
+            tunsetowner(tun.as_raw_fd(), uid as libc::c_int)
+                .and_then(|_| tunsetgroup(tun.as_raw_fd(), gid as libc::c_int))
+        }
+        .map_err(|e| TapError::Create {
+            name: name.to_string(),
+            source: e.into(),
+        })?;
     }
     // SAFETY: plain integer ioctl on the tun fd.
     unsafe { tunsetpersist(tun.as_raw_fd(), 1) }.map_err(|e| TapError::Create {
@@ -609,7 +628,7 @@ mod tests {
     fn tap_attach_status_list_delete_in_a_namespace() {
         in_private_netns("tap_attach_status_list_delete_in_a_namespace", || {
             ip("link add br0 type bridge");
-            let tun = open_persistent("chv-t1").unwrap();
+            let tun = open_persistent("chv-t1", None).unwrap();
             // Held by us: a second creation names the holder.
             match create_persistent("chv-t1") {
                 Err(TapError::Busy { holder, .. }) => {

@@ -14,6 +14,7 @@ use super::events::ByteTail;
 use super::identity::{self, Identity, Mac};
 use super::run::{self, Failure, ForkSide, Job, JobPlan, Report, Signals, Watch};
 use super::rundir::{self, ExitInfo, JobLock, JobPaths, JobState};
+use super::JailMode;
 use super::{code, config, gc, vmm, LandlockMode, VmCommand};
 use crate::{exit, Context};
 
@@ -50,6 +51,10 @@ pub struct SnapshotMeta {
     pub stopped: bool,
     pub created_at: f64,
     pub snapshot_ms: u64,
+    /// The jailed job's uid (`--jail on`): its files here are that uid's, and a jailed restore
+    /// takes it again when it is free.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
 }
 
 fn fail(msg: impl std::fmt::Display) -> anyhow::Result<i32> {
@@ -117,7 +122,8 @@ pub fn run(ctx: &Context, c: VmCommand) -> anyhow::Result<i32> {
             job_id,
             json,
             landlock,
-        } => restore(ctx, &dir, job_id, json, landlock),
+            jail,
+        } => restore(ctx, &dir, job_id, json, landlock, jail),
         VmCommand::Stop { job, grace } => stop(ctx, &job, &grace),
         VmCommand::Logs {
             job,
@@ -251,8 +257,18 @@ fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
         (None, None)
     };
     if json {
+        let memory = t
+            .state
+            .as_ref()
+            .and_then(|s| s.jail.as_ref())
+            .and_then(|j| j.cgroup.as_ref())
+            .map(|cg| {
+                let (cur, lim) = jail_memory(cg);
+                serde_json::json!({ "current": cur, "limit": lim.unwrap_or(cg.memory_max) })
+            });
         let v = serde_json::json!({
             "job_id": job, "live": t.live, "state": t.state, "vm_info": vm_info, "vm_info_error": err,
+            "memory": memory,
         });
         say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(exit::OK);
@@ -284,6 +300,35 @@ fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
             );
         }
         say!("landlock:  {}", s.landlock);
+        match &s.jail {
+            Some(j) => {
+                say!(
+                    "jail:      uid {} gid {} (groups {})",
+                    j.uid,
+                    j.gid,
+                    j.kvm_gid
+                );
+                if let Some(cg) = &j.cgroup {
+                    let (cur, lim) = jail_memory(cg);
+                    say!(
+                        "cgroup:    {} ({:?})",
+                        cg.dirs
+                            .iter()
+                            .map(|d| d.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        cg.version
+                    );
+                    say!(
+                        "memory:    {} of {} (guest {} MiB + VMM allowance)",
+                        cur.map(mib).unwrap_or_else(|| "-".into()),
+                        lim.map(mib).unwrap_or_else(|| mib(cg.memory_max)),
+                        s.memory_mib
+                    );
+                }
+            }
+            None => say!("jail:      off (the VMM runs as root)"),
+        }
         say!("run dir:   {}", t.paths.dir.display());
         if let Some(e) = &s.exit {
             say!(
@@ -304,6 +349,15 @@ fn info(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
         say!("vm.info:   {e}");
     }
     Ok(exit::OK)
+}
+
+/// The job cgroup's current memory and its limit, when the cgroup exists.
+fn jail_memory(cg: &crate::jail::Cgroup) -> (Option<u64>, Option<u64>) {
+    (cg.memory_current().ok(), cg.memory_limit().ok())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
 }
 
 /// Is this the host's PVM nested-state failure (facts §5)?
@@ -502,6 +556,15 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
     };
     // Removed on every failure, except once it holds a stopped job's disk.
     let mut tmp_guard = RemoveOnDrop(Some(tmp.clone()));
+    if let Some(j) = &st.jail {
+        // A jailed VMM writes the snapshot as the job's uid.
+        if let Err(e) = std::os::unix::fs::chown(&tmp, Some(j.uid), Some(j.gid)) {
+            return fail(format!("job {job}: chown {}: {e}", tmp.display()));
+        }
+        if let Err(e) = crate::jail::check_access(&tmp, j.uid, &[j.gid, j.kvm_gid], true) {
+            return fail(format!("job {job}: {e}"));
+        }
+    }
     let vm_state = match c.state() {
         Ok(s) => s,
         Err(e) => return fail(format!("job {job}: {e}")),
@@ -563,6 +626,7 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
         stopped: stop_after,
         created_at: rundir::now_unix(),
         snapshot_ms,
+        jail_uid: st.jail.as_ref().map(|j| j.uid),
     };
     if !stop_after {
         // The VM runs on while the snapshot is moved into place.
@@ -576,6 +640,12 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
             ));
         }
         tmp_guard.0 = None;
+        if st.jail.is_some() {
+            // The snapshot outlives the job; its uid goes to later jobs.
+            if let Err(e) = crate::jail::reclaim_dir(&dir) {
+                return fail(format!("job {job}: {e}"));
+            }
+        }
         if let Err(e) = resumed {
             return fail(format!(
                 "job {job}: snapshot written to {} but resume failed: {e}",
@@ -634,6 +704,11 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
             dir.display(),
             tmp.display()
         ));
+    }
+    if st.jail.is_some() {
+        if let Err(e) = crate::jail::reclaim_dir(&dir) {
+            return fail(format!("job {job}: {e}"));
+        }
     }
     say!(
         "{job}: snapshot written to {} in {snapshot_ms} ms; job stopped, its disk moved into the snapshot",
@@ -796,6 +871,7 @@ fn restore(
     job_id: Option<String>,
     json: bool,
     landlock: LandlockMode,
+    jail: JailMode,
 ) -> anyhow::Result<i32> {
     let dir = std::path::absolute(dir)?;
     let meta: SnapshotMeta = match fs::read(dir.join(SNAPSHOT_META)) {
@@ -837,7 +913,8 @@ fn restore(
         );
         f.code
     };
-    let r = restore_inner(ctx, &dir, &meta, &job_id, &mut cfg, landlock, &sigs);
+    let modes = (landlock, jail);
+    let r = restore_inner(ctx, &dir, &meta, &job_id, &mut cfg, modes, &sigs);
     match r {
         Ok(RestoreDone::Parent(rep)) if rep.ok => {
             if json {
@@ -877,7 +954,7 @@ fn restore_inner(
     meta: &SnapshotMeta,
     job_id: &str,
     cfg: &mut serde_json::Value,
-    landlock_mode: LandlockMode,
+    (landlock_mode, jail_mode): (LandlockMode, JailMode),
     sigs: &Signals,
 ) -> Result<RestoreDone, Failure> {
     let derived = Identity::derive(
@@ -919,6 +996,21 @@ fn restore_inner(
         restored_from: Some(dir.to_path_buf()),
     };
     let mut job = Job::begin(ctx, plan, None)?;
+    let jailed = run::jail_enabled(
+        jail_mode,
+        &ctx.profile.launch,
+        &[],
+        &[
+            job.paths.runtime.parent().unwrap_or(Path::new("/")),
+            job.paths.bases.parent().unwrap_or(Path::new("/")),
+            dir,
+        ],
+    );
+    if jailed {
+        // The same jail as the snapshot's job: its uid when free (the snapshot's files are
+        // that uid's already), else a new one.
+        job.enter_jail(&ctx.profile.launch, meta.jail_uid)?;
+    }
 
     // A fresh copy of the snapshot's disk: the snapshot stays restorable any number of times.
     let (src_disk, note) = match (&meta.disk_file, &meta.live_disk) {
@@ -972,6 +1064,7 @@ fn restore_inner(
     job.adopt_disk(d.clone())?;
     disk::copy_file(&dir.join(&meta.env_disk_file), &job.paths.env_disk)
         .map_err(|e| Failure::setup(e.to_string()))?;
+    job.jail_env_disk()?;
 
     // The restore source: the snapshot with paths rewritten for this job.
     let staging = job.paths.restore_dir.clone();
@@ -984,6 +1077,7 @@ fn restore_inner(
         &job.state.tap,
         landlock,
         &job.paths.snapshots,
+        job.jail.is_some(),
     );
     if landlock {
         let _ = fs::create_dir_all(&job.paths.snapshots);
@@ -992,6 +1086,19 @@ fn restore_inner(
     let text = serde_json::to_vec(cfg).map_err(|e| Failure::setup(e.to_string()))?;
     crate::fsutil::write_atomic(&staging.join("config.json"), &text, 0o600)
         .map_err(|e| Failure::setup(e.to_string()))?;
+    if job.jail.is_some() {
+        let st = staging.clone();
+        job.on_cleanup("give the snapshot files back to root", move || {
+            crate::jail::reclaim_dir(&st).map_err(|e| e.to_string())
+        });
+    }
+    if let Some(j) = &job.jail {
+        // The restored VMM reads the staged snapshot as the job's uid.
+        j.give(&staging)
+            .map_err(|e| Failure::setup(e.to_string()))?;
+        j.give(&staging.join("config.json"))
+            .map_err(|e| Failure::setup(e.to_string()))?;
+    }
     for e in fs::read_dir(dir)
         .map_err(|e| Failure::setup(format!("{}: {e}", dir.display())))?
         .flatten()
@@ -1007,7 +1114,15 @@ fn restore_inner(
         }
         link_or_symlink(&e.path(), &staging.join(&name))
             .map_err(|err| Failure::setup(format!("{}: {err}", e.path().display())))?;
+        if let Some(j) = &job.jail {
+            // The restored VMM reads them: they become its uid's (a link shares the inode,
+            // so the snapshot's files change owner too: they are this VM's memory and state).
+            j.give(&staging.join(&name))
+                .map_err(|err| Failure::setup(err.to_string()))?;
+            job.check_readable(&staging.join(&name))?;
+        }
     }
+
     job.save_state()?;
     job.create_tap()?;
 
@@ -1089,6 +1204,7 @@ fn rewrite_config(
     tap: &str,
     landlock: bool,
     snapshots: &Path,
+    jailed: bool,
 ) {
     use serde_json::json;
     if let Some(disks) = cfg.get_mut("disks").and_then(|v| v.as_array_mut()) {
@@ -1113,6 +1229,15 @@ fn rewrite_config(
     if let Some(net) = cfg.get_mut("net").and_then(|v| v.as_array_mut()) {
         if let Some(n) = net.first_mut() {
             n["tap"] = json!(tap);
+            if jailed {
+                // The VMM recorded the old TAP's host-side MAC and would set it on the new
+                // TAP (SIOCSIFHWADDR needs CAP_NET_ADMIN, which a jailed VMM lacks). The
+                // guest never sees that MAC (the TAP is a bridge port): let the VMM read the
+                // new TAP's own.
+                if let Some(o) = n.as_object_mut() {
+                    o.remove("host_mac");
+                }
+            }
         }
     }
     cfg["landlock_enable"] = json!(landlock);

@@ -15,6 +15,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use super::api::{ApiError, Client};
+use crate::jail::ChildJail;
 
 /// How long a just-started VMM may take to answer its first request (Kata waits 10 s for the
 /// socket; it answers within a few ms here).
@@ -104,7 +105,13 @@ impl Vmm {
     /// once — the kernel queues it until the VMM accepts — so nobody polls for the socket, and a
     /// stale socket file cannot make the VMM fail. Only the VMM keeps the listening descriptor:
     /// if it dies, queued and later connections fail instead of hanging.
-    pub fn spawn(bin: &Path, socket: &Path, events: &Path, log: &Path) -> Result<Vmm, VmmError> {
+    pub fn spawn(
+        bin: &Path,
+        socket: &Path,
+        events: &Path,
+        log: &Path,
+        jail: Option<ChildJail>,
+    ) -> Result<Vmm, VmmError> {
         let sock_err = |source| VmmError::Socket {
             path: socket.to_path_buf(),
             source,
@@ -122,6 +129,7 @@ impl Vmm {
             &args,
             [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
             [lfd, ev.as_raw_fd()],
+            jail,
         )
         .map_err(|source| VmmError::Spawn {
             bin: bin.to_path_buf(),
@@ -315,6 +323,8 @@ struct ChildSpec {
     /// The listening API socket and the event log, to keep across exec.
     keep: [RawFd; 2],
     parent: libc::pid_t,
+    /// Credentials, capabilities and cgroup to enter before the exec (`--jail on`).
+    jail: Option<ChildJail>,
     /// errno of the failed step (written by the child, read by the parent after the clone).
     errno: libc::c_int,
 }
@@ -376,6 +386,17 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(c);
             }
         }
+        // Last, once everything that needs root is done: the jail (cgroup, capabilities, uid),
+        // which sets the parent-death signal again (a uid change clears it).
+        if let Some(j) = c.jail {
+            if let Err(e) = crate::jail::child::enter(&j, libc::SIGKILL) {
+                *libc::__errno_location() = e;
+                fail(c);
+            }
+            if libc::getppid() != c.parent {
+                libc::_exit(1);
+            }
+        }
         libc::execve(c.path, c.argv, c.envp);
         fail(c)
     }
@@ -391,6 +412,7 @@ fn spawn_child(
     args: &[String],
     stdio: [RawFd; 3],
     keep: [RawFd; 2],
+    jail: Option<ChildJail>,
 ) -> io::Result<i32> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -422,6 +444,7 @@ fn spawn_child(
         stdio,
         keep,
         parent: std::process::id() as libc::pid_t,
+        jail,
         errno: 0,
     };
     // The child's stack until execve; 16-byte aligned top.
@@ -540,6 +563,7 @@ mod tests {
             &["-c".into(), script],
             [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
             [keep.as_raw_fd(), ev.as_raw_fd()],
+            None,
         )
         .unwrap();
         set.thread_unblock().unwrap();
@@ -563,6 +587,7 @@ mod tests {
             &[],
             [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
             [keep.as_raw_fd(), ev.as_raw_fd()],
+            None,
         )
         .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
