@@ -330,7 +330,7 @@ fn guest_timeout_stops_a_running_job() {
     let logs = g.logs.path().to_str().unwrap().to_string();
     let job = "e2e-timeout";
     // Long enough for the guest to boot and run (tens of seconds here), short enough for CI.
-    let timeout = std::env::var("CHVKIT_E2E_TIMEOUT").unwrap_or_else(|_| "150s".into());
+    let timeout = std::env::var("CHVKIT_E2E_TIMEOUT").unwrap_or_else(|_| "90s".into());
     let a = g.launch_args(
         job,
         &img,
