@@ -72,6 +72,12 @@ fn main() {
         .unwrap_or(3)
         .max(1);
     let root = tempfile::tempdir().expect("tempdir");
+    // Searchable, as /var/lib and /run are on a host: chvkit's default jail applies.
+    fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod root");
     let profile = root.path().join("profile.yaml");
     fs::write(&profile, guest::profile_yaml(&kernel_yaml)).expect("profile");
     let ns = common::NetNs::new("gb");
@@ -126,6 +132,8 @@ fn main() {
                 "CHECKER_MODE=quick",
                 "--timeout",
                 "600s",
+                "--jail",
+                "on",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -88,6 +88,12 @@ impl Guest {
         let img = guest::image().clone();
         let slot = guest_slot();
         let root = tempfile::tempdir().unwrap();
+        // The jailed VMM (its own uid) must reach the kernel and the job's files beneath it.
+        fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let profile = chvkit::profile::DEFAULT_PROFILE_YAML
             .replace("  source: build\n  path: null", &format!("  {kernel}"));
         assert!(profile.contains(&kernel), "profile has no kernel section");
@@ -143,8 +149,10 @@ impl Guest {
     }
 
     fn launch_args<'a>(&'a self, job: &'a str, img: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        // Jailed, or the launch fails: the guest runs under the jail it would have in production.
         let mut v = vec![
             "launch", "--rootfs", img, "--job-id", job, "--cpus", CPUS, "--memory", MEMORY,
+            "--jail", "on",
         ];
         v.extend_from_slice(extra);
         v
@@ -394,6 +402,28 @@ fn guest_pause_resume_snapshot_restore_and_stop() {
     assert!(o.status.success(), "{}", common::text(&o));
     let boot = Duration::from_secs(300);
     g.wait_serial(job, "workload: tick 2", boot);
+    // The guest runs inside the jail: the VMM has a uid of its own and no capabilities.
+    let state: serde_json::Value =
+        serde_json::from_slice(&fs::read(g.runtime().join(job).join("state.json")).unwrap())
+            .unwrap();
+    let pid = state["vmm_pid"].as_i64().expect("vmm_pid");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_ne!(
+        field("Uid:"),
+        "0",
+        "{test}: the VMM runs as root:\n{status}"
+    );
+    for caps in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(caps), "0000000000000000", "{test}: {caps}\n{status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
 
     let o = g.chvkit(&["vm", "pause", job]);
     assert!(o.status.success(), "{}", common::text(&o));

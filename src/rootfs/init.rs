@@ -271,21 +271,21 @@ load_env_disk() {
 		say "chvkit.env=$_dev is not a block device: using the image's $ENVFILE"
 		return 0
 	fi
-	# Two processes per try (tr, mv): the umask in this shell makes the copy 0600 as it is
-	# created, and the rename means a reader never sees half of it.
+	# One process (tr): `chvkit rootfs` ships /etc/checker.env as an empty 0600 file, which `>`
+	# keeps, and the umask in this shell makes a new one 0600 as it is created. Nothing reads it
+	# before /init is done here, so it is written in place; a failed copy is emptied rather
+	# than left half-written.
 	for _target in /etc/checker.env /run/chvkit/checker.env; do
 		[ -d "${_target%/*}" ] || bb mkdir -p "${_target%/*}" 2>/dev/null
-		[ -e "$_target.new" ] && bb rm -f "$_target.new" 2>/dev/null
 		umask 077
-		if bb tr -d '\000' <"$_dev" >"$_target.new" 2>/dev/null &&
-			bb mv -f "$_target.new" "$_target"; then
+		if bb tr -d '\000' <"$_dev" >"$_target" 2>/dev/null; then
 			umask 022
 			ENVFILE=$_target
 			ENV_FROM_DISK=1
 			return 0
 		fi
 		umask 022
-		bb rm -f "$_target.new" 2>/dev/null
+		: >"$_target" 2>/dev/null
 	done
 	say "cannot copy the environment from $_dev"
 }
