@@ -50,6 +50,8 @@ want bison bison
 want bc bc
 want make make
 want gcc gcc
+want ld binutils
+want patch patch
 want /usr/include/libelf.h libelf-dev
 want xz xz-utils
 # The QEMU guest harness boots Debian's cloud kernel.
