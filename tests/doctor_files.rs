@@ -305,27 +305,11 @@ fn bzimage() -> Vec<u8> {
 
 /// A minimal ELF64 with one PT_NOTE holding `note_type`/`name`.
 fn elf(note_name: &[u8], note_type: u32) -> Vec<u8> {
-    let mut note = Vec::new();
-    note.extend((note_name.len() as u32).to_le_bytes());
-    note.extend(4u32.to_le_bytes());
-    note.extend(note_type.to_le_bytes());
-    note.extend(note_name);
-    while note.len() % 4 != 0 {
-        note.push(0);
-    }
-    note.extend(0x100_0000u32.to_le_bytes());
-    let mut f = vec![0u8; 64 + 56];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-    f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-    f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&4u32.to_le_bytes());
-    f[64 + 8..64 + 16].copy_from_slice(&120u64.to_le_bytes());
-    f[64 + 32..64 + 40].copy_from_slice(&(note.len() as u64).to_le_bytes());
-    f.extend(note);
-    f
+    common::testutil::elf_with_notes(&common::testutil::elf_note(
+        note_name,
+        note_type,
+        &0x100_0000u32.to_le_bytes(),
+    ))
 }
 
 #[test]

@@ -177,23 +177,7 @@ impl Run {
 /// A tiny ELF64 vmlinux with a PT_NOTE holding the Xen PVH entry note (type 18), as
 /// `host::files::has_xen_pvh_note` reads it; `marker` appends chvkit's PVM marker after it.
 fn pvh_elf(marker: bool) -> Vec<u8> {
-    let mut note = Vec::new();
-    note.extend(4u32.to_le_bytes());
-    note.extend(4u32.to_le_bytes());
-    note.extend(18u32.to_le_bytes());
-    note.extend(b"Xen\0");
-    note.extend(0x100_0000u32.to_le_bytes());
-    let mut f = vec![0u8; 64 + 56];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-    f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-    f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&4u32.to_le_bytes());
-    f[64 + 8..64 + 16].copy_from_slice(&120u64.to_le_bytes());
-    f[64 + 32..64 + 40].copy_from_slice(&(note.len() as u64).to_le_bytes());
-    f.extend(note);
+    let mut f = common::testutil::elf_with_notes(&common::testutil::pvh_note());
     f.extend(b"\0\0\0\0Linux version 6.12.118 (chvkit) #1\0");
     if marker {
         f.extend(PVM_MARKER);

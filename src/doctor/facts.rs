@@ -639,13 +639,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");
         // ELF header + one PT_LOAD of 1000 bytes at offset 4096.
-        let mut f = vec![0u8; 64 + 56];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let mut f = crate::testutil::elf64_header(1);
         f[64..68].copy_from_slice(&1u32.to_le_bytes());
         f[64 + 8..64 + 16].copy_from_slice(&4096u64.to_le_bytes());
         f[64 + 32..64 + 40].copy_from_slice(&1000u64.to_le_bytes());

@@ -269,6 +269,7 @@ pub fn has_xen_pvh_note(mut b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{elf_note as note, elf_with_notes};
 
     fn sniff(bytes: &[u8]) -> KernelImage {
         sniff_kernel_at(&|buf: &mut [u8], off: u64| {
@@ -281,38 +282,6 @@ mod tests {
             Ok(n)
         })
         .unwrap()
-    }
-
-    fn note(name: &[u8], ty: u32, desc: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend((name.len() as u32).to_le_bytes());
-        v.extend((desc.len() as u32).to_le_bytes());
-        v.extend(ty.to_le_bytes());
-        v.extend(name);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v.extend(desc);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v
-    }
-
-    fn elf_with_notes(notes: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 64 + 56];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-        let ph = &mut f[64..];
-        ph[0..4].copy_from_slice(&PT_NOTE.to_le_bytes());
-        ph[0x08..0x10].copy_from_slice(&120u64.to_le_bytes());
-        ph[0x20..0x28].copy_from_slice(&(notes.len() as u64).to_le_bytes());
-        f.extend(notes);
-        f
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub fn chvkit() -> PathBuf {
 
 // One source for visible skips, shared with the library's unit tests.
 #[path = "../../src/testutil.rs"]
-mod testutil;
+pub mod testutil;
 pub use testutil::skip;
 
 pub fn is_root() -> bool {

@@ -5,41 +5,18 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::decompress::tests::lz4_legacy_frame;
 use super::*;
+use crate::testutil::{elf_note, elf_with_notes, pvh_note};
 
 const RELEASE: &str = "6.9.1-test";
 
-fn note(name: &[u8], ty: u32, desc: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend((name.len() as u32).to_le_bytes());
-    v.extend((desc.len() as u32).to_le_bytes());
-    v.extend(ty.to_le_bytes());
-    v.extend(name);
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
-    v.extend(desc);
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
-    v
-}
-
 /// An ELF64 x86-64 header, one PT_NOTE program header, the notes, then a banner and filler.
 fn fake_vmlinux(pvh: bool) -> Vec<u8> {
-    let ty = if pvh { 18 } else { 5 };
-    let notes = note(b"Xen\0", ty, &0x100_0000u32.to_le_bytes());
-    let mut f = vec![0u8; 64 + 56];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[0x12..0x14].copy_from_slice(&62u16.to_le_bytes());
-    f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-    f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-    f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&4u32.to_le_bytes());
-    f[64 + 8..64 + 16].copy_from_slice(&120u64.to_le_bytes());
-    f[64 + 0x20..64 + 0x28].copy_from_slice(&(notes.len() as u64).to_le_bytes());
-    f.extend(notes);
+    let note = if pvh {
+        pvh_note()
+    } else {
+        elf_note(b"Xen\0", 5, &0x100_0000u32.to_le_bytes())
+    };
+    let mut f = elf_with_notes(&note);
     f.extend(b"Linux version %s\0");
     f.extend(format!("Linux version {RELEASE} (me@here) #1 SMP\n\0").as_bytes());
     // Enough filler for more than one lz4 test block.
