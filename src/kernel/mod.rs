@@ -259,7 +259,7 @@ pub fn provide(ctx: &Context, req: &Request) -> Result<Provided, KernelError> {
             (v, Some(cpio))
         }
         KernelSource::Build => {
-            build::check_tools()?;
+            // `build` checks the tools itself, and only when the cache does not have it.
             let b = build::build(&build::BuildOptions {
                 tarball: source_tarball(ctx),
                 cache_dir: cache_dir(ctx),
