@@ -1,7 +1,8 @@
 //! `chvkit launch`, `vm …` and `gc` end to end, against a VMM: the real Cloud Hypervisor when
 //! one is present (`CHV_BIN` or `cloud-hypervisor` on PATH) for everything that does not need a
-//! guest to run code, the stand-in (`examples/chv_standin.rs`) for the exit-status paths (on
-//! this PVM host a real guest never runs). Each test says which one it used.
+//! guest to run code, the stand-in (`examples/chv_standin.rs`) for the exit-status paths it
+//! injects on demand (reboot, panic, crash); real guests run in `tests/guest_e2e.rs`. Each test
+//! says which one it used.
 //!
 //! Every test has its own network namespace (with its own bridge, set up like `chvkit setup`
 //! does) and its own `--root`, so they run in parallel and leave nothing on the host.

@@ -1,8 +1,8 @@
 //! Networking of launched guests: bridge-port isolation (two "guests" on veth ports attached
 //! exactly as launch attaches TAPs reach the gateway but not each other), the TAP a launch
-//! creates and hands to the VMM, and — under QEMU, since guests do not run on this PVM host —
-//! a rootfs built by `chvkit rootfs` booted from the per-job disk and env disk launch prepares,
-//! getting its job-derived address and returning its exit status.
+//! creates and hands to the VMM, and — under QEMU TCG, a second guest side beside the real-VMM
+//! one in `tests/guest_e2e.rs` — a rootfs built by `chvkit rootfs` booted from the per-job disk
+//! and env disk launch prepares, getting its job-derived address and returning its exit status.
 //!
 //! Every test works in network namespaces it creates and removes.
 
@@ -243,7 +243,7 @@ fn cloud_hypervisor_network_guest_gets_derived_address_under_qemu() {
     }
     vmm::notice(
         t,
-        "guest side under QEMU TCG (guests do not run on this PVM host)",
+        "guest side under QEMU TCG (the real VMM's guest side is tests/guest_e2e.rs)",
     );
     let work = tempfile::tempdir().unwrap();
     let img = build_image(work.path());
