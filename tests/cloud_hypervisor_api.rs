@@ -1771,7 +1771,7 @@ fn cloud_hypervisor_network_restore_reopens_the_tap() {
     ns.sh_ok(&format!(
         "ip tuntap add dev {tap} mode tap && ip link set {tap} up"
     ));
-    let src = Spawn::new(test).netns(&ns.name).start();
+    let src = Spawn::new(test).snapshot_capable().netns(&ns.name).start();
     let mut c = src.client();
     no_content(&c.put_json("vm.create", &net_config(&src, &kernel, &tap)));
     no_content(&c.put("vm.boot", None));
@@ -1792,7 +1792,7 @@ fn cloud_hypervisor_network_restore_reopens_the_tap() {
     }
     let restore = json!({"source_url": format!("file://{}", dir.display())});
     // The source still holds the TAP: the restore fails, and cleans up after itself.
-    let dst = Spawn::new(test).netns(&ns.name).start();
+    let dst = Spawn::new(test).snapshot_capable().netns(&ns.name).start();
     let mut d = dst.client();
     let r = d.put_json("vm.restore", &restore);
     assert_eq!(r.status, 500);

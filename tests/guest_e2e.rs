@@ -106,11 +106,11 @@ impl Guest {
             vmm: PathBuf::from(vmm),
             _slot: slot,
         };
-        eprintln!(
-            "notice: {test}: VMM {}, kernel: {which}, image {}",
+        guest::notice(&format!(
+            "{test}: VMM {}, kernel: {which}, image {}",
             g.vmm.display(),
             img.display()
-        );
+        ));
         let o = g.chvkit(&["setup", "--network-only", "--json"]);
         assert!(o.status.success(), "setup: {}", common::text(&o));
         let o = g.chvkit(&["kernel", "--json"]);
@@ -323,11 +323,11 @@ fn guest_job_runs_its_workload_and_returns_its_exit_status() {
         .lines()
         .find(|l| l.contains("workload: start"))
         .unwrap_or("");
-    eprintln!(
-        "notice: {test}: job done in {:.1} s wall; kernel printk at `Run /init`: {:?} s\n  {banner}\n  {init}\n  CHVKIT_EXIT=7",
+    guest::notice(&format!(
+        "{test}: job done in {:.1} s wall; kernel printk at `Run /init`: {:?} s\n  {banner}\n  {init}\n  CHVKIT_EXIT=7",
         wall.as_secs_f64(),
         guest::printk_time(&serial, "Run /init as init process"),
-    );
+    ));
 }
 
 #[test]

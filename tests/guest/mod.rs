@@ -102,3 +102,10 @@ pub fn printk_time(serial: &str, what: &str) -> Option<f64> {
         inner.split(']').next()?.trim().parse().ok()
     })
 }
+
+/// A line on stderr that `cargo test` shows even for a passing test (libtest captures
+/// `eprintln!`, not direct writes): which VMM and kernel ran, and what the guest printed.
+pub fn notice(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("notice: {text}\n").as_bytes());
+}
