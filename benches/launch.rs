@@ -13,6 +13,8 @@
 //!    space after the guest writes 64 MiB (written with qemu-io when installed).
 //! 3. 32 parallel `launch --detach` then 32 parallel `vm stop`: wall times, and a count of
 //!    whatever was left (TAPs, run dirs, disks, VMM processes) — must be zero.
+//! 4. The jail's cost: the same launch with `--jail on` against `--jail off`, interleaved
+//!    (goal <= 1.05).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -41,6 +43,7 @@ use support::{loadavg, median, ms};
 const OVERHEAD_RUNS: usize = 101;
 const DISK_RUNS: usize = 21;
 const PARALLEL: usize = 32;
+const JAIL_RUNS: usize = 41;
 
 fn main() {
     if !common::is_root() {
@@ -65,6 +68,12 @@ fn main() {
         println!("  (on a PVM host each real guest spins a vCPU: every VM is stopped right after it is measured)");
     }
     let work = tempfile::tempdir().unwrap();
+    // Searchable like /var/lib and /run on a host, so the jailed VMM (its own uid) reaches
+    // the job's files.
+    let searchable = |p: &Path| {
+        fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap()
+    };
+    searchable(work.path());
     let ns = common::NetNs::new("lb");
     ns.sh_ok(
         "ip link add br0 type bridge && sysctl -qw net.ipv6.conf.br0.accept_dad=0 && \
@@ -85,6 +94,7 @@ fn main() {
             "/tmp"
         })
         .unwrap();
+    searchable(shm.path());
     let runtime = shm.path().join("run");
     let state = work.path().join("state");
     let profile = work.path().join("profile.yaml");
@@ -113,6 +123,55 @@ fn main() {
     if wanted("parallel") {
         parallel(&ns, &bin, &kernel, &rootfs, &layout);
     }
+    if wanted("jail") {
+        jail_overhead(&ns, &bin, &kernel, &rootfs, &layout);
+    }
+}
+
+/// 4. The jail's cost: `launch --detach` to `vm.boot` returned with `--jail on` against the same
+/// launch with `--jail off`, interleaved pairs (order flipped every pair).
+fn jail_overhead(ns: &common::NetNs, bin: &vmm::Binary, kernel: &Path, rootfs: &Path, l: &Layout) {
+    println!("\n4. the jail: `launch --detach` to vm.boot returned, --jail on vs --jail off, {JAIL_RUNS} interleaved pairs");
+    let (k, r) = (kernel.to_str().unwrap(), rootfs.to_str().unwrap());
+    let boot = |job: &str, jail: &str| -> f64 {
+        let mut args = launch_args(k, r, job);
+        args.extend(["--json", "--jail", jail]);
+        let w0 = chvkit::launch::rundir::now_unix();
+        let o = chvkit(ns, bin, l, &args);
+        assert!(o.status.success(), "--jail {jail}: {}", common::text(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let booted_at = report["booted_at"].as_f64().expect("booted_at");
+        let o = chvkit(ns, bin, l, &["vm", "stop", job]);
+        assert!(o.status.success(), "{}", common::text(&o));
+        (booted_at - w0) * 1000.0
+    };
+    boot("jail-warm", "on");
+    let (mut on, mut off, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..JAIL_RUNS {
+        let (a, b) = if i % 2 == 0 {
+            let a = boot(&format!("jon-{i}"), "on");
+            (a, boot(&format!("joff-{i}"), "off"))
+        } else {
+            let b = boot(&format!("joff-{i}"), "off");
+            (boot(&format!("jon-{i}"), "on"), b)
+        };
+        on.push(a);
+        off.push(b);
+        ratios.push(a / b);
+    }
+    let (mon, moff, mr) = (median(&mut on), median(&mut off), median(&mut ratios));
+    println!(
+        "   --jail on: median {mon:.1} ms ({:.1}–{:.1}); --jail off: median {moff:.1} ms ({:.1}–{:.1})",
+        on[0], on[on.len() - 1], off[0], off[off.len() - 1]
+    );
+    println!(
+        "   ratio of medians {:.3}, median of pair ratios {mr:.3} (spread {:.3}–{:.3}); difference {:.1} ms; goal <= 1.05; load {}",
+        mon / moff,
+        ratios[0],
+        ratios[ratios.len() - 1],
+        mon - moff,
+        loadavg()
+    );
 }
 
 /// `cargo bench --bench launch -- overhead disk parallel` picks sections; none given: all.
