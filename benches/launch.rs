@@ -128,8 +128,8 @@ fn main() {
     }
 }
 
-/// 4. The jail's cost: `launch --detach` to `vm.boot` returned with `--jail on` against the same
-/// launch with `--jail off`, interleaved pairs (order flipped every pair).
+/// The jail's cost (section 4): `launch --detach` to `vm.boot` returned with `--jail on`
+/// against the same launch with `--jail off`, interleaved pairs (order flipped every pair).
 fn jail_overhead(ns: &common::NetNs, bin: &vmm::Binary, kernel: &Path, rootfs: &Path, l: &Layout) {
     println!("\n4. the jail: `launch --detach` to vm.boot returned, --jail on vs --jail off, {JAIL_RUNS} interleaved pairs");
     let (k, r) = (kernel.to_str().unwrap(), rootfs.to_str().unwrap());

@@ -12,15 +12,12 @@ use super::api::{self, Client};
 use super::disk::{self, DiskKind, JobDisk};
 use super::events::ByteTail;
 use super::identity::{self, Identity, Mac};
-use super::run::{self, Failure, ForkSide, Job, JobPlan, Report, Signals, Watch};
+use super::job::{self, Failure, Job, JobPlan, HANDOVER_MARKER};
 use super::rundir::{self, ExitInfo, JobLock, JobPaths, JobState};
+use super::supervisor::{self, ForkSide, Report, Signals, Watch};
 use super::JailMode;
-use super::{code, config, gc, vmm, LandlockMode, VmCommand};
+use super::{code, config, vmm, LandlockMode, VmCommand};
 use crate::{exit, Context};
-
-/// Name of the marker that `vm snapshot --stop` leaves in the run dir: the per-job disk then
-/// belongs to the snapshot, and no cleanup may remove it.
-pub const HANDOVER_MARKER: &str = "disk.handed-over";
 /// chvkit's own metadata in a snapshot directory.
 pub const SNAPSHOT_META: &str = "chvkit.json";
 const SNAPSHOT_SCHEMA: u32 = 1;
@@ -433,7 +430,7 @@ fn stop(ctx: &Context, job: &str, grace: &str) -> anyhow::Result<i32> {
         }
     };
     let ended = JobState::load(&t.paths.state).ok().and_then(|s| s.exit);
-    match gc::collect_job(&t.paths, false) {
+    match job::collect_job(&t.paths, false) {
         Ok(_) => lock.release_and_remove(),
         Err(e) => return fail(format!("job {job}: {e}")),
     }
@@ -694,7 +691,7 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
     }
     meta.disk_file = Some(disk_name);
     write_meta(&tmp, &meta)?;
-    match gc::collect_job(&t.paths, false) {
+    match job::collect_job(&t.paths, false) {
         Ok(_) => lock.release_and_remove(),
         Err(e) => eprintln!("chvkit: job {job}: {e}"),
     }
@@ -980,7 +977,7 @@ fn restore_inner(
             .map_err(|e| Failure::setup(e.to_string()))?,
         tap: derived.tap,
     };
-    let landlock = run::landlock_enabled(landlock_mode)?;
+    let landlock = job::landlock_enabled(landlock_mode)?;
     let plan = JobPlan {
         identity,
         bridge: meta.bridge.clone(),
@@ -996,7 +993,7 @@ fn restore_inner(
         restored_from: Some(dir.to_path_buf()),
     };
     let mut job = Job::begin(ctx, plan, None)?;
-    let jailed = run::jail_enabled(
+    let jailed = job::jail_enabled(
         jail_mode,
         &ctx.profile.launch,
         &[],
@@ -1126,7 +1123,7 @@ fn restore_inner(
     job.save_state()?;
     job.create_tap()?;
 
-    let (side, job) = run::fork_supervisor(job)?;
+    let (side, job) = supervisor::fork_supervisor(job)?;
     let (mut w, mut job) = match (side, job) {
         (ForkSide::Parent(rep), _) => return Ok(RestoreDone::Parent(rep)),
         (ForkSide::Child(w), Some(j)) => (w, j),
@@ -1161,12 +1158,12 @@ fn restore_inner(
                 );
             }
             job.finish(Some(f.exit_info()), false);
-            run::send_report(&mut w, &f.report());
+            supervisor::send_report(&mut w, &f.report());
             return Ok(RestoreDone::Child(code::BOOT_FAILED));
         }
     };
     let st = &job.state;
-    run::send_report(
+    supervisor::send_report(
         &mut w,
         &Report::running(serde_json::json!({
             "job_id": st.job_id, "state": "running", "restored_from": dir, "ip": st.ip,
@@ -1182,7 +1179,7 @@ fn restore_inner(
         console: false,
     };
     let out = match job.vmm.as_mut() {
-        Some(v) => run::supervise(v, &mut client, &job.paths, sigs, &watch),
+        Some(v) => supervisor::supervise(v, &mut client, &job.paths, sigs, &watch),
         None => return Err(Failure::boot("no VMM")),
     };
     job.finish(
@@ -1242,7 +1239,7 @@ fn rewrite_config(
     }
     cfg["landlock_enable"] = json!(landlock);
     if landlock {
-        let mut rules = run::landlock_base_rules(d, tap);
+        let mut rules = job::landlock_base_rules(d, tap);
         rules.push(json!({ "path": snapshots, "access": "rw" }));
         cfg["landlock_rules"] = json!(rules);
     } else if let Some(o) = cfg.as_object_mut() {
