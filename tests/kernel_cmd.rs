@@ -14,20 +14,9 @@ use std::process::{Command, Output};
 use chvkit::host::files::{sniff_kernel, KernelImage};
 use setup_support::{changed, env_with_mirror, json, results};
 
-/// Debian's cloud kernel (a bzImage with an LZ4 payload), newest first.
+/// Debian's cloud kernel (a bzImage with an LZ4 payload).
 fn cloud_bzimage() -> Option<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
-        })
-        .collect();
-    v.sort();
-    v.pop()
+    common::debian_cloud_kernel()
 }
 
 struct Tmp {

@@ -19,6 +19,22 @@ pub fn chvkit() -> PathBuf {
 pub mod testutil;
 pub use testutil::skip;
 
+/// Debian's cloud kernel in /boot (`vmlinuz-*-cloud-amd64`, a bzImage), the newest.
+pub fn debian_cloud_kernel() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

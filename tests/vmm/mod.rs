@@ -121,18 +121,7 @@ pub fn kernel() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CHV_KERNEL_PATH").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
-        })
-        .collect();
-    found.sort();
-    found.pop()
+    crate::common::debian_cloud_kernel()
 }
 
 /// How to start a VMM.
