@@ -15,6 +15,8 @@
 //!    whatever was left (TAPs, run dirs, disks, VMM processes) — must be zero.
 //! 4. The jail's cost: the same launch with `--jail on` against `--jail off`, interleaved
 //!    (goal <= 1.05).
+//! 5. Snapshot into a directory: `chvkit vm snapshot` against the VMM's own pause + snapshot +
+//!    resume on the same job, interleaved (goal <= 1.05).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -126,6 +128,120 @@ fn main() {
     if wanted("jail") {
         jail_overhead(&ns, &bin, &kernel, &rootfs, &layout);
     }
+    if wanted("snapshot") {
+        snapshot_delivery(&ns, &kernel, &rootfs, &layout);
+    }
+}
+
+const SNAPSHOT_RUNS: usize = 11;
+
+/// Snapshot delivery (section 5): `chvkit vm snapshot JOB DIR` (DIR outside the snapshots dir, on the
+/// state dir's filesystem: chvkit renames what the jailed VMM wrote) against the VMM's own
+/// pause + snapshot + resume (`ch-remote`, into a directory it may write), on one running job,
+/// interleaved. Needs a VMM that can snapshot here (`CHV_BIN_SNAP` on PVM hosts) and ch-remote.
+fn snapshot_delivery(ns: &common::NetNs, kernel: &Path, rootfs: &Path, l: &Layout) {
+    println!("\n5. snapshot into a directory: `chvkit vm snapshot` vs the VMM's own pause + snapshot + resume, {SNAPSHOT_RUNS} interleaved pairs");
+    let snap_bin = std::env::var_os("CHV_BIN_SNAP").or_else(|| std::env::var_os("CHV_BIN"));
+    let Some(snap_bin) = snap_bin.filter(|v| !v.is_empty()) else {
+        println!("   skipped: snapshot bench: no real VMM (CHV_BIN_SNAP / CHV_BIN)");
+        return;
+    };
+    let remote = Path::new(&snap_bin).with_file_name("ch-remote");
+    if !remote.is_file() {
+        println!(
+            "   skipped: snapshot bench: no ch-remote beside {}",
+            Path::new(&snap_bin).display()
+        );
+        return;
+    }
+    let run = |args: &[&str]| {
+        ns.cmd(common::chvkit())
+            .arg("--profile")
+            .arg(&l.profile)
+            .args(args)
+            .env("CHV_BIN", &snap_bin)
+            .env("MALLOC_ARENA_MAX", "1")
+            .output()
+            .unwrap()
+    };
+    let (k, r) = (kernel.to_str().unwrap(), rootfs.to_str().unwrap());
+    let mut args = launch_args(k, r, "snapb");
+    args.extend(["--jail", "on"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let state: serde_json::Value =
+        serde_json::from_slice(&fs::read(l.runtime.join("snapb/state.json")).unwrap()).unwrap();
+    let pid = state["vmm_pid"].as_i64().expect("vmm_pid");
+    let uid = fs::metadata(format!("/proc/{pid}"))
+        .map(|m| m.uid())
+        .unwrap();
+    let gid = fs::metadata(format!("/proc/{pid}"))
+        .map(|m| m.gid())
+        .unwrap();
+    let sock = l.runtime.join("snapb/api.sock");
+    let own = |dir: &Path| {
+        for cmd in [
+            vec!["pause".to_string()],
+            vec!["snapshot".into(), format!("file://{}", dir.display())],
+            vec!["resume".into()],
+        ] {
+            let o = Command::new(&remote)
+                .arg("--api-socket")
+                .arg(&sock)
+                .args(&cmd)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "ch-remote {cmd:?}: {}",
+                common::text(&o)
+            );
+        }
+    };
+    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let snaps = l.state.join("snapshots");
+    for i in 0..SNAPSHOT_RUNS {
+        let a_dir = l.state.join(format!("bench-snap-{i}"));
+        let b_dir = snaps.join(format!("bench-own-{i}"));
+        fs::create_dir_all(&b_dir).unwrap();
+        std::os::unix::fs::chown(&b_dir, Some(uid), Some(gid)).unwrap();
+        let a = || {
+            let t = Instant::now();
+            let o = run(&["vm", "snapshot", "snapb", a_dir.to_str().unwrap()]);
+            assert!(o.status.success(), "{}", common::text(&o));
+            ms(t.elapsed())
+        };
+        let b = || {
+            let t = Instant::now();
+            own(&b_dir);
+            ms(t.elapsed())
+        };
+        let (ta, tb) = if i % 2 == 0 {
+            (a(), b())
+        } else {
+            let tb = b();
+            (a(), tb)
+        };
+        ours.push(ta);
+        theirs.push(tb);
+        ratios.push(ta / tb);
+        let _ = fs::remove_dir_all(&a_dir);
+        let _ = fs::remove_dir_all(&b_dir);
+    }
+    let o = run(&["vm", "stop", "snapb"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let (mo, mt, mr) = (median(&mut ours), median(&mut theirs), median(&mut ratios));
+    println!(
+        "   chvkit vm snapshot: median {mo:.1} ms ({:.1}–{:.1}); VMM's own: median {mt:.1} ms ({:.1}–{:.1}) ({})",
+        ours[0], ours[ours.len() - 1], theirs[0], theirs[theirs.len() - 1], Path::new(&snap_bin).display()
+    );
+    println!(
+        "   ratio of medians {:.3}, median of pair ratios {mr:.3} (spread {:.3}–{:.3}); goal <= 1.05; load {}",
+        mo / mt,
+        ratios[0],
+        ratios[ratios.len() - 1],
+        loadavg()
+    );
 }
 
 /// The jail's cost (section 4): `launch --detach` to `vm.boot` returned with `--jail on`
