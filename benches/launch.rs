@@ -133,7 +133,7 @@ fn main() {
     }
 }
 
-const SNAPSHOT_RUNS: usize = 11;
+const SNAPSHOT_RUNS: usize = 21;
 
 /// Snapshot delivery (section 5): `chvkit vm snapshot JOB DIR` (DIR outside the snapshots dir, on the
 /// state dir's filesystem: chvkit renames what the jailed VMM wrote) against the VMM's own
