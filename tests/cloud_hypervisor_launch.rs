@@ -20,7 +20,7 @@ use chvkit::launch::identity::Identity;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
-    /// The guest must run code (exit status, reboot, panic): only the stand-in can.
+    /// Fault paths the stand-in injects on demand (exit status, reboot, panic, crash).
     Standin,
     /// VMM-level behaviour: the real VMM when present.
     Any,
@@ -64,7 +64,7 @@ impl Env {
         // Real guests spin a vCPU each on this 2-core host: one real-VMM test at a time.
         let heavy = bin.real.then(vmm::heavy_lock);
         let why = if which == Which::Standin {
-            " (exit-status path: needs a guest that runs code)"
+            " (a fault path the stand-in injects on demand)"
         } else {
             ""
         };
