@@ -7,220 +7,22 @@
 //! by others: the jailed VMM must reach its files through it).
 
 mod common;
+mod launch_env;
 mod vmm;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use chvkit::launch::identity::Identity;
+use launch_env::{alive, identity, Env, Which};
 
-struct Env {
-    test: &'static str,
-    ns: common::NetNs,
-    root: tempfile::TempDir,
-    work: tempfile::TempDir,
-    bin: vmm::Binary,
-    kernel: PathBuf,
-    rootfs: PathBuf,
-    _heavy: Option<std::sync::MutexGuard<'static, ()>>,
-}
-
-fn identity(job: &str) -> Identity {
-    let p = chvkit::profile::Profile::embedded().unwrap();
-    Identity::derive(job, p.network.prefix, p.network.gateway).unwrap()
-}
-
-fn can_jail(test: &str) -> bool {
-    if let Err(e) = chvkit::jail::host_can_jail() {
-        common::skip(test, &format!("this host cannot jail: {e}"));
-        return false;
-    }
-    if !common::have_tool("setpriv") {
-        common::skip(test, "`setpriv` is not installed");
-        return false;
-    }
-    true
-}
-
-impl Env {
-    fn new(test: &'static str, standin: bool) -> Option<Env> {
-        if !common::require(test, true, &["ip", "bridge", "mkfs.ext4"]) || !can_jail(test) {
-            return None;
-        }
-        let Some(kernel) = vmm::kernel() else {
-            common::skip(test, "no guest kernel (set CHV_KERNEL_PATH)");
-            return None;
-        };
-        let bin = if standin {
-            vmm::Binary {
-                path: vmm::standin(),
-                real: false,
-            }
-        } else {
-            vmm::binary()
-        };
-        let heavy = bin.real.then(vmm::heavy_lock);
-        vmm::notice(test, &bin.describe());
-        let ns = common::NetNs::new("jl");
-        ns.sh_ok(
-            "ip link add br0 type bridge && sysctl -qw net.ipv6.conf.br0.accept_dad=0 && \
-             ip -6 addr add fdcd::1/16 dev br0 nodad && ip link set br0 up",
-        );
-        let work = tempfile::tempdir().unwrap();
-        let root = tempfile::tempdir().unwrap();
-        // tempdirs are 0700: the jailed VMM could not reach anything beneath.
-        for d in [work.path(), root.path()] {
-            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let rootfs = work.path().join("rootfs.raw");
-        let o = Command::new("truncate")
-            .args(["-s", "64M"])
-            .arg(&rootfs)
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        let o = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", common::text(&o));
-        Some(Env {
-            test,
-            ns,
-            root,
-            work,
-            bin,
-            kernel,
-            rootfs,
-            _heavy: heavy,
-        })
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.ns.cmd(common::chvkit());
-        c.arg("--root").arg(self.root.path()).args(args);
-        c.env("CHV_BIN", &self.bin.path)
-            .env_remove("CHV_KERNEL_PATH")
-            .env("NO_COLOR", "1");
-        c
-    }
-
-    fn chvkit(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn launch_args(&self, job: &str, extra: &[&str]) -> Vec<String> {
-        let mut v: Vec<String> = [
-            "launch",
-            "--rootfs",
-            self.rootfs.to_str().unwrap(),
-            "--kernel",
-            self.kernel.to_str().unwrap(),
-            "--bridge",
-            "br0",
-            "--job-id",
-            job,
-            "--memory",
-            "128",
-            "--cpus",
-            "1",
-            "--jail",
-            "on",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    }
-
-    fn launch(&self, job: &str, extra: &[&str]) -> Output {
-        let a = self.launch_args(job, extra);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        self.chvkit(&a)
-    }
-
-    fn spawn_launch(&self, job: &str) -> Child {
-        let a = self.launch_args(job, &[]);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        self.cmd(&a)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
-    fn run_dir(&self, job: &str) -> PathBuf {
-        self.root.path().join("run/chvkit").join(job)
-    }
-
-    fn state(&self, job: &str) -> Option<serde_json::Value> {
-        let b = fs::read(self.run_dir(job).join("state.json")).ok()?;
-        serde_json::from_slice(&b).ok()
-    }
-
-    fn wait_running(&self, job: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.state(job) {
-                if s["phase"] == "running" {
-                    return s;
-                }
-            }
-            assert!(Instant::now() < deadline, "{}: {job} never ran", self.test);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn disk_of(&self, job: &str) -> PathBuf {
-        self.root
-            .path()
-            .join("var/lib/chvkit/disks")
-            .join(format!("{job}.qcow2"))
-    }
-
-    /// Nothing of `job` is left: run dir, lock, disk, TAP, cgroup, VMM.
-    fn assert_clean(&self, job: &str, cgroup: &[PathBuf], vmm_pid: Option<i64>) {
-        if let Some(pid) = vmm_pid {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            assert!(!alive(pid), "{}: VMM {pid} still runs", self.test);
-        }
-        assert!(!self.run_dir(job).exists(), "{}: run dir left", self.test);
-        assert!(
-            !self
-                .root
-                .path()
-                .join(format!("run/chvkit/{job}.lock"))
-                .exists(),
-            "{}: lock left",
-            self.test
-        );
-        assert!(!self.disk_of(job).exists(), "{}: disk left", self.test);
-        let links = self.ns.sh_ok("ip -br link");
-        assert!(
-            !links.contains(&identity(job).tap),
-            "{}: TAP left:\n{links}",
-            self.test
-        );
-        for d in cgroup {
-            assert!(!d.exists(), "{}: cgroup {} left", self.test, d.display());
-        }
-    }
-}
-
-fn alive(pid: i64) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
-        Err(_) => false,
+/// Nothing of `job` is left (the launch tests' check), and none of its cgroup directories.
+fn assert_clean(e: &Env, job: &str, cgroup: &[PathBuf], vmm_pid: Option<i64>) {
+    e.assert_clean(job, vmm_pid);
+    for d in cgroup {
+        assert!(!d.exists(), "{}: cgroup {} left", e.test, d.display());
     }
 }
 
@@ -324,7 +126,7 @@ fn sh_quote(p: &Path) -> String {
 
 #[test]
 fn jail_confines_the_vmm_and_nothing_is_left() {
-    let Some(e) = Env::new("jail_confines_the_vmm_and_nothing_is_left", false) else {
+    let Some(e) = Env::jailed("jail_confines_the_vmm_and_nothing_is_left", Which::Any) else {
         return;
     };
     let profile = chvkit::profile::Profile::embedded().unwrap();
@@ -415,7 +217,7 @@ fn jail_confines_the_vmm_and_nothing_is_left() {
     }
     let o = e.chvkit(&["vm", "stop", "ja"]);
     assert!(o.status.success(), "{}", common::text(&o));
-    e.assert_clean("ja", &jobs[0].2, Some(jobs[0].3));
+    assert_clean(&e, "ja", &jobs[0].2, Some(jobs[0].3));
 
     // kill -9 of the VMM, then gc.
     let (_, _, cg_b, pid_b) = jobs[1].clone();
@@ -429,11 +231,11 @@ fn jail_confines_the_vmm_and_nothing_is_left() {
     assert!(!alive(sup_b), "supervisor of jb still runs");
     let o = e.chvkit(&["gc"]);
     assert!(o.status.success(), "{}", common::text(&o));
-    e.assert_clean("jb", &cg_b, Some(pid_b));
+    assert_clean(&e, "jb", &cg_b, Some(pid_b));
 
     // kill -9 of the supervisor (the VMM dies with it), then gc removes the cgroup too.
-    let mut c = e.spawn_launch("jc");
-    let st = e.wait_running("jc");
+    let mut c = e.spawn_launch("jc", &[]);
+    let st = e.wait_running("jc", &mut c);
     let (uid_c, cg_c) = jail_of(&st);
     let pid_c = st["vmm_pid"].as_i64().unwrap();
     assert_jailed(e.test, pid_c, uid_c, &cg_c);
@@ -451,18 +253,21 @@ fn jail_confines_the_vmm_and_nothing_is_left() {
         "{}",
         common::text(&o)
     );
-    e.assert_clean("jc", &cg_c, Some(pid_c));
+    assert_clean(&e, "jc", &cg_c, Some(pid_c));
 }
 
 #[test]
 fn jail_standin_exit_status_snapshot_and_restore() {
-    let Some(e) = Env::new("jail_standin_exit_status_snapshot_and_restore", true) else {
+    let Some(e) = Env::jailed(
+        "jail_standin_exit_status_snapshot_and_restore",
+        Which::Standin,
+    ) else {
         return;
     };
     // A foreground job to its exit status, jailed.
     let o = e.launch("fg", &["--cmdline", "standin.exit=3", "--json"]);
     assert_eq!(o.status.code(), Some(3), "{}", common::text(&o));
-    e.assert_clean("fg", &[], None);
+    assert_clean(&e, "fg", &[], None);
 
     // Snapshot --stop, then restore jailed: the snapshot's uid again (it is free), and a
     // second restore beside it gets another one.
@@ -478,7 +283,7 @@ fn jail_standin_exit_status_snapshot_and_restore() {
     let snap = e.root.path().join("var/lib/chvkit/snapshots/s1");
     let o = e.chvkit(&["vm", "snapshot", "src", snap.to_str().unwrap(), "--stop"]);
     assert!(o.status.success(), "{}", common::text(&o));
-    e.assert_clean("src", &cg, None);
+    assert_clean(&e, "src", &cg, None);
     // The snapshot outlives the job: root's again, not the (reusable) job uid's.
     let owners = |d: &Path| -> Vec<(String, u32)> {
         fs::read_dir(d)
@@ -523,7 +328,7 @@ fn jail_standin_exit_status_snapshot_and_restore() {
     for (job, _, c) in &uids {
         let o = e.chvkit(&["vm", "stop", job]);
         assert!(o.status.success(), "{}", common::text(&o));
-        e.assert_clean(job, c, None);
+        assert_clean(&e, job, c, None);
     }
     assert!(
         owners(&snap).iter().all(|(_, u)| *u == 0),
@@ -534,7 +339,10 @@ fn jail_standin_exit_status_snapshot_and_restore() {
 
 #[test]
 fn jail_refuses_unreachable_files_and_leaves_nothing() {
-    let Some(e) = Env::new("jail_refuses_unreachable_files_and_leaves_nothing", true) else {
+    let Some(e) = Env::jailed(
+        "jail_refuses_unreachable_files_and_leaves_nothing",
+        Which::Standin,
+    ) else {
         return;
     };
     // The kernel in a directory the job's uid cannot enter.
@@ -579,7 +387,7 @@ fn jail_refuses_unreachable_files_and_leaves_nothing() {
         assert!(!d.exists(), "{} left", d.display());
     }
     let cg_name = "nope@";
-    e.assert_clean("nope", &[], None);
+    assert_clean(&e, "nope", &[], None);
     for c in ["memory", "pids", "cpu", ""] {
         let parent = Path::new("/sys/fs/cgroup").join(c).join("chvkit");
         if let Ok(rd) = fs::read_dir(&parent) {
