@@ -467,7 +467,9 @@ fn guest_kernel(
         .is_file
         .then(|| files::sniff_kernel(&path).map_err(|e| e.to_string()));
     let elf = matches!(image, Some(Ok(KernelImage::ElfPvh | KernelImage::ElfNoPvh)));
-    let implied_size = elf.then(|| elf_implied_size(&path)).flatten();
+    let implied_size = elf
+        .then(|| crate::host::files::elf_implied_size(&path))
+        .flatten();
     let initramfs = record.as_ref().and_then(|r| r.initramfs.as_ref()).map(|i| {
         let p = ctx.root.path(i);
         let f = FileFacts::stat(&p);
@@ -572,46 +574,6 @@ fn find_config(
     (None, candidates)
 }
 
-/// The size an ELF64 little-endian file's headers say it has at least: the end of its section
-/// header table and of every segment's bytes in the file. Reads the headers only.
-pub fn elf_implied_size(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).ok()?;
-    let mut h = [0u8; 64];
-    f.read_exact_at(&mut h, 0).ok()?;
-    if h[..4] != *b"\x7fELF" || h[4] != 2 || h[5] != 1 {
-        return None;
-    }
-    let u16_at = |b: &[u8], o: usize| u64::from(u16::from_le_bytes([b[o], b[o + 1]]));
-    let u64_at = |b: &[u8], o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
-    let (phoff, shoff) = (u64_at(&h, 0x20), u64_at(&h, 0x28));
-    let (phentsize, phnum) = (u16_at(&h, 0x36), u16_at(&h, 0x38));
-    let (shentsize, shnum) = (u16_at(&h, 0x3a), u16_at(&h, 0x3c));
-    let mut end = 64u64;
-    if shnum > 0 {
-        end = end.max(shoff.saturating_add(shentsize * shnum));
-    }
-    if phnum > 0 {
-        end = end.max(phoff.saturating_add(phentsize * phnum));
-    }
-    if phentsize >= 56 && phnum > 0 && phnum <= 4096 {
-        let mut ph = vec![0u8; usize::try_from(phentsize * phnum).ok()?];
-        if f.read_exact_at(&mut ph, phoff).is_ok() {
-            for e in ph.chunks_exact(usize::try_from(phentsize).ok()?) {
-                let (off, filesz) = (u64_at(e, 0x08), u64_at(e, 0x20));
-                if filesz > 0 {
-                    end = end.max(off.saturating_add(filesz));
-                }
-            }
-        }
-    }
-    Some(end)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,25 +594,6 @@ mod tests {
                 ("CONFIG_EXT4_FS", ConfigValue::BuiltIn),
             ]
         );
-    }
-
-    #[test]
-    fn implied_size_finds_truncation() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("k");
-        // ELF header + one PT_LOAD of 1000 bytes at offset 4096.
-        let mut f = crate::testutil::elf64_header(1);
-        f[64..68].copy_from_slice(&1u32.to_le_bytes());
-        f[64 + 8..64 + 16].copy_from_slice(&4096u64.to_le_bytes());
-        f[64 + 32..64 + 40].copy_from_slice(&1000u64.to_le_bytes());
-        std::fs::write(&p, &f).unwrap();
-        assert_eq!(elf_implied_size(&p), Some(5096));
-        std::fs::write(
-            &p,
-            b"not an elf at all, not at all, not at all, not at all, no",
-        )
-        .unwrap();
-        assert_eq!(elf_implied_size(&p), None);
     }
 
     #[test]
