@@ -2,15 +2,14 @@
 //! inside the guest (the generated /init, networking, exit markers).
 //!
 //! Debian's cloud kernel has virtio_pci/virtio_blk/virtio_net as modules (facts §4), so the
-//! harness builds a small initramfs — busybox-static plus those `.ko` files in the dependency
-//! order `modinfo -F depends` gives for this kernel — whose init loads them, mounts `/dev/vda`
-//! and `switch_root`s to its `/init`, passing the kernel command line through. The initramfs is
-//! cached per kernel version (and per content hash) in the temp dir, built under a file lock.
+//! harness boots it with the initramfs `chvkit kernel --source distro` builds
+//! (`chvkit::kernel::initramfs`: busybox-static plus those `.ko` files in `modules.dep` order;
+//! its init loads them, mounts `root=` and `switch_root`s to its `/init`). The initramfs is
+//! cached in the temp dir by the hash of its bytes.
 //!
 //! Use from a test file with `#[path = "qemu/mod.rs"] mod qemu;` (or `mod qemu;`).
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -19,8 +18,6 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The roots of the module set; their dependencies are computed.
-pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
-
 /// Printed once by the initramfs per boot: counting it proves the guest did not reboot.
 pub const BOOT_BANNER: &str = "chvkit-initramfs: boot";
 
@@ -70,7 +67,7 @@ fn natural_key(v: &str) -> Vec<u64> {
 
 /// Why the harness cannot run here, if it cannot (for `common::skip`).
 pub fn unavailable() -> Option<String> {
-    for t in ["qemu-system-x86_64", "modinfo", "cpio", "busybox"] {
+    for t in ["qemu-system-x86_64", "busybox"] {
         if !have(t) {
             return Some(format!(
                 "`{t}` is not installed (make test-deps installs it)"
@@ -91,209 +88,24 @@ fn have(t: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn modinfo(version: &str, field: Option<&str>, module: &str) -> Result<String, String> {
-    let mut c = Command::new("modinfo");
-    c.args(["-k", version]);
-    match field {
-        Some(f) => c.args(["-F", f]),
-        None => c.arg("-n"),
-    };
-    let out = c
-        .arg(module)
-        .output()
-        .map_err(|e| format!("modinfo: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "modinfo -k {version} {module}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Modules to load for `roots`, dependencies first (from `modinfo -F depends`), with their
-/// files. Built-in modules are left out.
-pub fn module_order(version: &str, roots: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
-    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut todo: Vec<String> = roots.iter().map(|s| s.to_string()).collect();
-    while let Some(m) = todo.pop() {
-        if deps.contains_key(&m) {
-            continue;
-        }
-        let file = modinfo(version, None, &m)?;
-        if file == "(builtin)" || file.is_empty() {
-            deps.insert(m, vec![]);
-            continue;
-        }
-        let d: Vec<String> = modinfo(version, Some("depends"), &m)?
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        todo.extend(d.iter().cloned());
-        deps.insert(m.clone(), d);
-        files.insert(m, PathBuf::from(file));
-    }
-    // Depth-first topological order, deterministic by name.
-    let mut order = Vec::new();
-    let mut done = BTreeSet::new();
-    fn visit(
-        m: &str,
-        deps: &BTreeMap<String, Vec<String>>,
-        done: &mut BTreeSet<String>,
-        stack: &mut Vec<String>,
-        order: &mut Vec<String>,
-    ) -> Result<(), String> {
-        if done.contains(m) {
-            return Ok(());
-        }
-        if stack.iter().any(|s| s == m) {
-            return Err(format!("module dependency cycle at {m}"));
-        }
-        stack.push(m.to_string());
-        for d in deps.get(m).into_iter().flatten() {
-            visit(d, deps, done, stack, order)?;
-        }
-        stack.pop();
-        done.insert(m.to_string());
-        order.push(m.to_string());
-        Ok(())
-    }
-    for m in deps.keys() {
-        visit(m, &deps, &mut done, &mut Vec::new(), &mut order)?;
-    }
-    Ok(order
-        .into_iter()
-        .filter_map(|m| files.get(&m).map(|f| (m.clone(), f.clone())))
-        .collect())
-}
-
-const INITRAMFS_INIT: &str = r#"#!/bin/busybox sh
-# chvkit test initramfs: load virtio modules, mount /dev/vda, switch_root to its /init.
-bb=/bin/busybox
-$bb mount -t proc proc /proc
-$bb mount -t sysfs sysfs /sys
-$bb mount -t devtmpfs devtmpfs /dev
-echo "chvkit-initramfs: boot"
-while read -r m; do
-	[ -n "$m" ] || continue
-	$bb insmod "/lib/modules/$m.ko" || echo "chvkit-initramfs: insmod $m failed"
-done </modules.order
-root=/dev/vda
-mode=rw
-for w in $($bb cat /proc/cmdline); do
-	case "$w" in
-	root=*) root=${w#root=} ;;
-	ro) mode=ro ;;
-	rw) mode=rw ;;
-	esac
-done
-i=0
-while [ ! -b "$root" ] && [ "$i" -lt 100 ]; do
-	$bb sleep 0.1
-	i=$((i + 1))
-done
-$bb mkdir -p /newroot
-if ! $bb mount -t ext4 -o "$mode" "$root" /newroot; then
-	echo "chvkit-initramfs: cannot mount $root"
-	$bb poweroff -f
-fi
-$bb umount /proc /sys /dev
-exec $bb switch_root /newroot /init
-echo "chvkit-initramfs: switch_root failed"
-$bb poweroff -f
-"#;
-
-/// Build (or reuse) the initramfs for `k`.
+/// The initramfs for `k`, as `chvkit kernel --source distro` builds it, written once to the
+/// temp dir (by the hash of its bytes: reproducible, so every test of a run shares one file).
 pub fn initramfs(k: &Kernel) -> Result<PathBuf, String> {
     use sha2::{Digest, Sha256};
-    let mods = module_order(&k.version, MODULES)?;
-    let busybox = Path::new("/bin/busybox");
-    let mut h = Sha256::new();
-    h.update(INITRAMFS_INIT.as_bytes());
-    for (m, f) in &mods {
-        h.update(m.as_bytes());
-        h.update(f.to_string_lossy().as_bytes());
-        if let Ok(md) = fs::metadata(f) {
-            h.update(md.len().to_le_bytes());
-        }
-    }
-    h.update(
-        fs::metadata(busybox)
-            .map(|m| m.len())
-            .unwrap_or(0)
-            .to_le_bytes(),
-    );
-    let tag = &hex::encode(h.finalize())[..16];
+    let distro = chvkit::kernel::initramfs::DistroKernel {
+        version: k.version.clone(),
+        vmlinuz: k.vmlinuz.clone(),
+        modules_dir: Path::new("/lib/modules").join(&k.version),
+    };
+    let bytes = chvkit::kernel::initramfs::build_initramfs(&distro, Path::new("/bin/busybox"), 0)
+        .map_err(|e| e.to_string())?;
+    let tag = &hex::encode(Sha256::digest(&bytes))[..16];
     let dir = std::env::temp_dir().join("chvkit-test-initramfs");
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let out = dir.join(format!("{}-{tag}.cpio", k.version));
-    if out.is_file() {
-        return Ok(out);
+    let out = dir.join(format!("{}-{tag}.cpio.gz", k.version));
+    if !out.is_file() {
+        chvkit::fsutil::write_atomic(&out, &bytes, 0o644)
+            .map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    let lockf = fs::File::create(dir.join(".lock")).map_err(|e| e.to_string())?;
-    let _lock = nix::fcntl::Flock::lock(lockf, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| format!("lock: {e}"))?;
-    if out.is_file() {
-        return Ok(out);
-    }
-    let stage = tempfile::tempdir_in(&dir).map_err(|e| e.to_string())?;
-    let s = stage.path();
-    for d in ["bin", "dev", "proc", "sys", "newroot", "lib/modules"] {
-        fs::create_dir_all(s.join(d)).map_err(|e| e.to_string())?;
-    }
-    fs::copy(busybox, s.join("bin/busybox")).map_err(|e| format!("copy busybox: {e}"))?;
-    let mut order = String::new();
-    for (m, f) in &mods {
-        let dest = s.join("lib/modules").join(format!("{m}.ko"));
-        let name = f.to_string_lossy();
-        if name.ends_with(".ko.xz") || name.ends_with(".ko.zst") {
-            let tool = if name.ends_with(".xz") { "xz" } else { "zstd" };
-            let o = Command::new(tool)
-                .args(["-dc"])
-                .arg(f)
-                .output()
-                .map_err(|e| format!("{tool}: {e}"))?;
-            fs::write(&dest, o.stdout).map_err(|e| e.to_string())?;
-        } else {
-            fs::copy(f, &dest).map_err(|e| format!("copy {}: {e}", f.display()))?;
-        }
-        order.push_str(m);
-        order.push('\n');
-    }
-    fs::write(s.join("modules.order"), order).map_err(|e| e.to_string())?;
-    fs::write(s.join("init"), INITRAMFS_INIT).map_err(|e| e.to_string())?;
-    fs::set_permissions(s.join("init"), fs::Permissions::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
-    // The kernel opens /dev/console before running init.
-    let st = Command::new("mknod")
-        .args(["-m", "600"])
-        .arg(s.join("dev/console"))
-        .args(["c", "5", "1"])
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !st.success() {
-        return Err("mknod dev/console failed (needs root)".into());
-    }
-    let tmp = dir.join(format!(
-        ".{}-{tag}.cpio.tmp{}",
-        k.version,
-        std::process::id()
-    ));
-    let cpio = Command::new("sh")
-        .arg("-c")
-        .arg("find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 > \"$1\"")
-        .arg("sh")
-        .arg(&tmp)
-        .current_dir(s)
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !cpio.success() {
-        let _ = fs::remove_file(&tmp);
-        return Err("cpio failed".into());
-    }
-    fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
