@@ -485,8 +485,9 @@ fn overhead(
     ));
     // The same VM config as chvkit's: a qcow2 overlay on the converted base, the read-only env
     // disk, rng, pvpanic and Landlock (when this kernel has it, as chvkit decides).
-    let same_disk = chvkit::launch::disk::prepare(rootfs, &dir.join("same"), &dir.join("bases"))
-        .expect("prepare the same per-job disk");
+    let same_disk =
+        chvkit::launch::disk::prepare(rootfs, &dir.join("same"), &dir.join("bases"), None)
+            .expect("prepare the same per-job disk");
     let env_disk = dir.join("same-env.img");
     let mut env = b"CHECKER_JOB_ID='bench'\n".to_vec();
     env.resize(4096, 0);
@@ -578,7 +579,7 @@ fn disk_prep(dir: &Path) {
     let state = dir.join("diskbench");
     let bases = state.join("bases");
     let t0 = Instant::now();
-    let first = disk::prepare(&img, &state.join("disks/first"), &bases).unwrap();
+    let first = disk::prepare(&img, &state.join("disks/first"), &bases, None).unwrap();
     let once = t0.elapsed();
     println!(
         "   kind: {:?} ({}); first prepare incl. the one-time base conversion: {:.0} ms (base holds {} MiB)",
@@ -591,7 +592,7 @@ fn disk_prep(dir: &Path) {
     let mut paths = Vec::new();
     for i in 0..DISK_RUNS {
         let t0 = Instant::now();
-        let d = disk::prepare(&img, &state.join(format!("disks/j{i}")), &bases).unwrap();
+        let d = disk::prepare(&img, &state.join(format!("disks/j{i}")), &bases, None).unwrap();
         prep.push(ms(t0.elapsed()));
         paths.push(d.path);
     }

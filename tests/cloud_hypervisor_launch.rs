@@ -1086,6 +1086,117 @@ fn cloud_hypervisor_launch_env_disk_carries_checker_env() {
     e.assert_clean("envj", None);
 }
 
+/// A `chvkit rootfs` image has an env slot: launch writes checker.env into the job's disk
+/// (never the image), sends one disk, and tells /init on the command line. The VMM's side is
+/// the stand-in's (the real guest reading it is tests/guest_e2e.rs); the disk's contents are
+/// checked with e2fsprogs and QEMU's qcow2 reader.
+#[test]
+fn cloud_hypervisor_launch_env_slot_carries_checker_env() {
+    let t = "cloud_hypervisor_launch_env_slot_carries_checker_env";
+    if !common::require(t, true, &["debugfs", "e2fsck", "qemu-img"]) {
+        return;
+    }
+    let Some(mut e) = Env::new(t, Which::Standin) else {
+        return;
+    };
+    let tree = e.work.path().join("tree");
+    fs::create_dir_all(tree.join("etc")).unwrap();
+    let slot = tree.join("etc/checker.env");
+    fs::write(&slot, chvkit::rootfs::envslot::placeholder()).unwrap();
+    fs::set_permissions(&slot, fs::Permissions::from_mode(0o600)).unwrap();
+    let img = e.work.path().join("slot.raw");
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let img_before = fs::read(&img).unwrap();
+    e.rootfs = img.clone();
+    let o = e.launch(
+        "slotj",
+        &[
+            "--detach",
+            "--env",
+            "GREETING=it's $(not run)",
+            "--api-url",
+            "http://[fdcd::1]:9999",
+        ],
+    );
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert!(
+        !e.run_dir("slotj").join("env.img").exists(),
+        "an env disk was written"
+    );
+    let info = json_of(&e.chvkit(&["vm", "info", "slotj", "--json"]));
+    let cfg = &info["vm_info"]["config"];
+    assert_eq!(cfg["disks"].as_array().map(Vec::len), Some(1), "{cfg}");
+    assert!(
+        cfg["payload"]["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with(" chvkit.env=/etc/checker.env"),
+        "{cfg}"
+    );
+    // The job's disk, as a guest sees it: a clean filesystem whose checker.env is exactly the
+    // job's environment.
+    let flat = e.work.path().join("flat.raw");
+    let o = Command::new("qemu-img")
+        // No locking: the (stand-in) VMM holds the image open.
+        .args(["convert", "--image-opts"])
+        .arg(format!(
+            "driver=qcow2,file.driver=file,file.locking=off,file.filename={}",
+            e.disk_of("slotj").display()
+        ))
+        .args(["-O", "raw"])
+        .arg(&flat)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let o = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&flat)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let o = Command::new("debugfs")
+        .args(["-R", "cat /etc/checker.env"])
+        .arg(&flat)
+        .output()
+        .unwrap();
+    let envf = e.work.path().join("checker.env");
+    fs::write(&envf, &o.stdout).unwrap();
+    let id = identity("slotj");
+    let expect = chvkit::envfile::render(
+        &chvkit::launch::config::checker_env(&id, "http://[fdcd::1]:9999")
+            .into_iter()
+            .chain([("GREETING".to_string(), "it's $(not run)".to_string())])
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), expect);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            ". {}; printf '%s|%s' \"$CHECKER_JOB_ID\" \"$GREETING\"",
+            envf.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "slotj|it's $(not run)"
+    );
+    assert!(
+        fs::read(&img).unwrap() == img_before,
+        "the image was written"
+    );
+    assert!(e.chvkit(&["vm", "stop", "slotj"]).status.success());
+    e.assert_clean("slotj", None);
+}
+
 #[test]
 fn cloud_hypervisor_launch_reflink_disk_on_xfs() {
     let t = "cloud_hypervisor_launch_reflink_disk_on_xfs";

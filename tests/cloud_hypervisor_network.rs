@@ -253,10 +253,18 @@ fn cloud_hypervisor_network_guest_gets_derived_address_under_qemu() {
     let job = "guest-side-1";
     let id = identity(job);
     let state = work.path().join("state");
-    let d = disk::prepare(&img, &state.join("disks").join(job), &state.join("bases")).unwrap();
+    // checker.env goes into the image's env slot, as launch does for every `chvkit rootfs`
+    // image (the env disk, for images without one, is tests/qemu_guest.rs's).
     let env = config::checker_env(&id, "http://[fdcd::1]:8080");
-    let env_disk = work.path().join("env.img");
-    disk::write_env_disk(&env_disk, &env).unwrap();
+    let env_bytes = chvkit::envfile::render(&env).unwrap();
+    let d = disk::prepare(
+        &img,
+        &state.join("disks").join(job),
+        &state.join("bases"),
+        Some(env_bytes.as_bytes()),
+    )
+    .unwrap();
+    assert!(d.env_in_slot, "a `chvkit rootfs` image has an env slot");
 
     let ns = common::NetNs::new("gq");
     ns.sh_ok(BRIDGE_SETUP);
@@ -291,17 +299,14 @@ fn cloud_hypervisor_network_guest_gets_derived_address_under_qemu() {
     };
     let overlay_before = fs::metadata(&d.path).unwrap().blocks() * 512;
     let run = qemu::run(&qemu::QemuOpts {
-        disks: vec![
-            qemu::Disk {
-                path: d.path.clone(),
-                format: fmt,
-                readonly: false,
-            },
-            qemu::Disk::raw_ro(&env_disk),
-        ],
+        disks: vec![qemu::Disk {
+            path: d.path.clone(),
+            format: fmt,
+            readonly: false,
+        }],
         tap: Some((id.tap.clone(), id.mac.to_string())),
         netns: Some(ns.name.clone()),
-        append: chvkit::rootfs::envdisk::cmdline_arg(config::ENV_DEVICE),
+        append: chvkit::rootfs::envslot::CMDLINE_ARG.to_string(),
         ..Default::default()
     })
     .unwrap();

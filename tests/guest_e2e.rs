@@ -313,6 +313,23 @@ fn guest_job_runs_its_workload_and_returns_its_exit_status() {
         "{}",
         tail(&serial)
     );
+    // checker.env came in the job disk's env slot (one disk, no env disk), holding exactly
+    // the environment: not the image's 16 KiB placeholder.
+    assert!(
+        serial.contains("chvkit.env=/etc/checker.env"),
+        "the env slot was not used:\n{}",
+        tail(&serial)
+    );
+    let bytes: usize = serial
+        .lines()
+        .find_map(|l| l.split("workload: env file bytes=").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        bytes > 100 && bytes < chvkit::rootfs::envslot::SLOT_LEN,
+        "checker.env in the guest is {bytes} bytes:\n{}",
+        tail(&serial)
+    );
     assert!(serial.contains("CHVKIT_EXIT=7"), "{}", tail(&serial));
     g.assert_clean(job);
     let banner = serial

@@ -163,7 +163,22 @@ fn rootfs_build_tree_contents_and_features() {
     // What chvkit adds.
     assert_eq!(stat(&out, "/init"), ("0755".into(), 0, 0, 1));
     assert_eq!(stat(&out, "/etc/checker.env"), ("0600".into(), 0, 0, 1));
-    assert!(debugfs(&out, "stat /etc/checker.env").contains("Size: 0"));
+    // The env slot launch fills in the job's disk: the placeholder, whole and contiguous.
+    assert_eq!(
+        debugfs(&out, "cat /etc/checker.env").as_bytes(),
+        chvkit::rootfs::envslot::placeholder().as_slice()
+    );
+    {
+        let f = fs::File::open(&out).unwrap();
+        let mut read =
+            |b: &mut [u8], off: u64| std::os::unix::fs::FileExt::read_exact_at(&f, b, off);
+        assert!(
+            chvkit::rootfs::envslot::locate(&mut read)
+                .unwrap()
+                .is_some(),
+            "launch would find no env slot in the image"
+        );
+    }
     assert_eq!(stat(&out, "/.chvkit/busybox").0, "0755");
     assert!(debugfs(&out, "stat /dev/console").contains("Type: character"));
     let init = debugfs(&out, "cat /init");

@@ -230,7 +230,9 @@ fn env_text(mode: &str) -> String {
     .unwrap()
 }
 
-fn full_cycle(test: &str, shell: Shell) {
+/// `cmdline` without `chvkit.env=`: /init checks the image's own checker.env before sourcing
+/// it; with `chvkit.env=/etc/checker.env` (launch filled the env slot) it sources it directly.
+fn full_cycle(test: &str, shell: Shell, cmdline: &str) {
     if !common::require(test, true, &["unshare", "chroot", "busybox", "ldd"]) {
         return;
     }
@@ -242,7 +244,7 @@ fn full_cycle(test: &str, shell: Shell) {
     // A stand-in NIC with the name /init looks for first.
     ns.sh_ok("ip link add eth0 type veth peer name peer0 && ip link set peer0 up");
     let t = make_tree(shell, MAIN_WORKLOAD, workload(1000), &env_text("main"));
-    let out = boot(&ns, &t, "console=ttyS0 root=/dev/vda rw", |_| {});
+    let out = boot(&ns, &t, cmdline, |_| {});
     let c = t.console_text();
     let ctx = format!("{}\n--- console\n{c}", common::text(&out));
     assert_eq!(markers(&c), vec!["CHVKIT_EXIT=3".to_string()], "{ctx}");
@@ -280,12 +282,20 @@ fn full_cycle(test: &str, shell: Shell) {
 
 #[test]
 fn rootfs_init_full_cycle_busybox_sh() {
-    full_cycle("rootfs_init_full_cycle_busybox_sh", Shell::Busybox);
+    full_cycle(
+        "rootfs_init_full_cycle_busybox_sh",
+        Shell::Busybox,
+        "console=ttyS0 root=/dev/vda rw",
+    );
 }
 
 #[test]
 fn rootfs_init_full_cycle_dash() {
-    full_cycle("rootfs_init_full_cycle_dash", Shell::Dash);
+    full_cycle(
+        "rootfs_init_full_cycle_dash",
+        Shell::Dash,
+        "console=ttyS0 root=/dev/vda rw chvkit.env=/etc/checker.env",
+    );
 }
 
 const TERM_WORKLOAD: &str = r#"#!/bin/sh

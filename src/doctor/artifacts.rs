@@ -541,7 +541,9 @@ pub fn kernel_guest(ctx: &Context, f: &Facts) -> Finding {
 }
 
 /// The command line launch gives `k` on this host when the user adds none: composed by
-/// [`cmdline::compose`] exactly as launch does, then the per-job env disk's argument.
+/// [`cmdline::compose`] exactly as launch does, then where /init finds checker.env for a
+/// `chvkit rootfs` image (its env slot; launch names the env disk instead for an image without
+/// one).
 pub fn guest_cmdline(k: &GuestKernel, h: &GuestHost<'_>) -> String {
     let rec = k.record.as_ref();
     let mut line = cmdline::compose(&cmdline::Parts {
@@ -556,9 +558,7 @@ pub fn guest_cmdline(k: &GuestKernel, h: &GuestHost<'_>) -> String {
         },
     });
     line.push(' ');
-    line.push_str(&crate::rootfs::envdisk::cmdline_arg(
-        crate::launch::config::ENV_DEVICE,
-    ));
+    line.push_str(crate::rootfs::envslot::CMDLINE_ARG);
     line
 }
 
@@ -1201,7 +1201,7 @@ mod tests {
         assert_eq!(f.level, Level::Pass, "{f:?}");
         assert!(f
             .detail
-            .contains("console=ttyS0 root=/dev/vda rw init=/init chvkit.env=/dev/vdb"));
+            .contains("console=ttyS0 root=/dev/vda rw init=/init chvkit.env=/etc/checker.env"));
         let f = guest_verdict(&g, &PVM);
         assert_eq!(f.level, Level::Pass, "{f:?}");
         assert!(f.summary.contains("PVM-ready; ~50 s to /init (estimate)"));

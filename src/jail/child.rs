@@ -6,7 +6,7 @@
 
 use std::os::fd::RawFd;
 
-/// Most cgroup.procs files a job has: v2 has one, v1 one per controller (memory, pids, cpu).
+/// Most cgroup files a job has: v2 has one, v1 one per controller (memory, pids, cpu).
 pub const MAX_CGROUP_FDS: usize = 3;
 
 /// What the child needs, computed by the parent before the clone. `Copy`, no pointers.
@@ -16,8 +16,8 @@ pub struct ChildJail {
     pub gid: u32,
     /// The supplementary group: the group owning /dev/kvm.
     pub kvm_gid: u32,
-    /// Open (write) `cgroup.procs` files of the job's cgroup(s); -1 for unused slots. Writing
-    /// "0" moves the writing process.
+    /// Open (write) `tasks` (v1) or `cgroup.procs` (v2) files of the job's cgroup(s); -1 for
+    /// unused slots. Writing "0" moves the writing (single-threaded) process.
     pub cgroup_procs: [RawFd; MAX_CGROUP_FDS],
     /// Highest capability number (/proc/sys/kernel/cap_last_cap), read by the parent.
     pub cap_last: u32,

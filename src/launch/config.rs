@@ -373,7 +373,7 @@ pub fn resolve(ctx: &Context, a: &LaunchArgs, job_id: &str) -> Result<LaunchSpec
 
 /// Direct kernel boot of `kernel`: the command line is composed once, in `kernel::cmdline`
 /// (profile base, what the kernel needs, `init=/init` without an initramfs, what this host
-/// kind needs, the user's additions), then the env disk's argument.
+/// kind needs, the user's additions); `vm_config` adds where /init finds checker.env.
 fn kernel_boot(
     ctx: &Context,
     kernel: PathBuf,
@@ -383,15 +383,13 @@ fn kernel_boot(
     source: &'static str,
 ) -> Boot {
     use crate::kernel::cmdline;
-    let mut line = cmdline::compose(&cmdline::Parts {
+    let line = cmdline::compose(&cmdline::Parts {
         base: &ctx.profile.vm.cmdline,
         kernel: kernel_needs,
         user,
         initramfs: initramfs.is_some(),
         host: cmdline::HostKind::detect(),
     });
-    line.push(' ');
-    line.push_str(&crate::rootfs::envdisk::cmdline_arg(ENV_DEVICE));
     Boot::Kernel {
         kernel,
         initramfs,

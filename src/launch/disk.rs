@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::qcow2;
 use crate::fsutil::AtomicFile;
+use crate::rootfs::envslot;
 
 /// Guest-visible block size the env disk is padded to.
 pub const ENV_DISK_ALIGN: usize = crate::rootfs::envdisk::PAD;
@@ -79,6 +80,10 @@ pub struct JobDisk {
     pub kind: DiskKind,
     /// The qcow2 base an overlay reads through (shared; never removed with the job).
     pub base: Option<PathBuf>,
+    /// The job's environment is in the disk itself (the image's env slot,
+    /// `crate::rootfs::envslot`): no env disk, and the command line says so.
+    #[serde(default)]
+    pub env_in_slot: bool,
 }
 
 impl JobDisk {
@@ -119,8 +124,15 @@ fn open_rootfs(rootfs: &Path) -> Result<(File, fs::Metadata), DiskError> {
 }
 
 /// Make `dest` (which must not exist) the job disk for `rootfs`. `bases` is the base cache
-/// directory. The rootfs is only ever opened read-only.
-pub fn prepare(rootfs: &Path, dest_stem: &Path, bases: &Path) -> Result<JobDisk, DiskError> {
+/// directory. The rootfs is only ever opened read-only. With `env` (the bytes of
+/// `/etc/checker.env`), the job disk carries them in the image's env slot when it has one that
+/// is large enough (`env_in_slot` says whether it did); otherwise the caller writes the env disk.
+pub fn prepare(
+    rootfs: &Path,
+    dest_stem: &Path,
+    bases: &Path,
+    env: Option<&[u8]>,
+) -> Result<JobDisk, DiskError> {
     let rootfs = std::path::absolute(rootfs).map_err(|source| DiskError::Rootfs {
         path: rootfs.to_path_buf(),
         source,
@@ -142,10 +154,18 @@ pub fn prepare(rootfs: &Path, dest_stem: &Path, bases: &Path) -> Result<JobDisk,
     if !is_qcow {
         let dest = dest_stem.with_extension("raw");
         if try_reflink(&src, &dest)? {
+            // The clone is the job's own: the slot is written straight into it.
+            let patched = match env {
+                Some(env) => patch_raw_clone(&dest, env).inspect_err(|_| {
+                    let _ = fs::remove_file(&dest);
+                })?,
+                None => false,
+            };
             return Ok(JobDisk {
                 path: dest,
                 kind: DiskKind::Reflink,
                 base: None,
+                env_in_slot: patched,
             });
         }
     }
@@ -154,13 +174,115 @@ pub fn prepare(rootfs: &Path, dest_stem: &Path, bases: &Path) -> Result<JobDisk,
     } else {
         (ensure_base(&rootfs, &md, bases)?, md.len())
     };
+    // The slot's clusters, as the overlay will hold them: the base's bytes with the patches on.
+    let clusters = match env {
+        Some(env) => {
+            let reader = qcow2::Reader::open(&base)?;
+            let mut read = |b: &mut [u8], off: u64| {
+                reader
+                    .read_at(b, off)
+                    .map_err(|e| io::Error::other(e.to_string()))
+            };
+            match slot_patches(&mut read, env).map_err(io("env slot of", &base))? {
+                Some(patches) => Some(
+                    patched_clusters(&patches, &mut read, size)
+                        .map_err(io("env slot of", &base))?,
+                ),
+                None => None,
+            }
+        }
+        None => None,
+    };
     let dest = dest_stem.with_extension("qcow2");
-    qcow2::create_overlay(&dest, &base, size)?;
+    qcow2::create_overlay_with(
+        &dest,
+        &base,
+        size,
+        clusters.as_ref().unwrap_or(&Default::default()),
+    )?;
     Ok(JobDisk {
         path: dest,
         kind: DiskKind::Qcow2Overlay,
         base: Some(base),
+        env_in_slot: clusters.is_some(),
     })
+}
+
+/// The patches that put `env` into the image's env slot, read through `read`; `None` when the
+/// image has no slot or `env` does not fit it (the env disk carries it then).
+fn slot_patches(
+    read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
+    env: &[u8],
+) -> io::Result<Option<Vec<envslot::Patch>>> {
+    let Some(slot) = envslot::locate(read)? else {
+        tracing::debug!("the image has no env slot: the environment goes on an env disk");
+        return Ok(None);
+    };
+    let patches = slot.fill(env);
+    if patches.is_none() {
+        tracing::info!(
+            bytes = env.len(),
+            slot = envslot::SLOT_LEN,
+            "the environment is larger than the image's env slot: it goes on an env disk"
+        );
+    }
+    Ok(patches)
+}
+
+/// Whole qcow2 clusters (guest index → bytes) holding `patches` on top of what `read` gives.
+fn patched_clusters(
+    patches: &[envslot::Patch],
+    read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
+    size: u64,
+) -> io::Result<std::collections::BTreeMap<u64, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in patches {
+        let end = p.offset + p.bytes.len() as u64;
+        if end > size {
+            return Err(io::Error::other(format!(
+                "env slot patch at {} ends past the image ({size} bytes)",
+                p.offset
+            )));
+        }
+        let mut pos = p.offset;
+        while pos < end {
+            let c = pos / qcow2::CLUSTER;
+            let buf = match out.entry(c) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let mut b = vec![0u8; qcow2::CLUSTER as usize];
+                    // The last cluster may run past the image: zeros there, as the guest sees.
+                    let n = (size - c * qcow2::CLUSTER).min(qcow2::CLUSTER) as usize;
+                    read(&mut b[..n], c * qcow2::CLUSTER)?;
+                    v.insert(b)
+                }
+            };
+            let from = (pos - c * qcow2::CLUSTER) as usize;
+            let n = ((end - pos) as usize).min(qcow2::CLUSTER as usize - from);
+            let src = (pos - p.offset) as usize;
+            buf[from..from + n].copy_from_slice(&p.bytes[src..src + n]);
+            pos += n as u64;
+        }
+    }
+    Ok(out)
+}
+
+/// Put `env` into a raw clone's env slot. Returns whether it did.
+fn patch_raw_clone(dest: &Path, env: &[u8]) -> Result<bool, DiskError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dest)
+        .map_err(io("job disk", dest))?;
+    let mut read = |b: &mut [u8], off: u64| f.read_exact_at(b, off);
+    let Some(patches) = slot_patches(&mut read, env).map_err(io("env slot of", dest))? else {
+        return Ok(false);
+    };
+    for p in &patches {
+        f.write_all_at(&p.bytes, p.offset)
+            .map_err(io("env slot of", dest))?;
+    }
+    Ok(true)
 }
 
 /// Filesystems that never share extents (ext2/3/4, tmpfs): there, trying FICLONE costs a file
@@ -442,8 +564,8 @@ mod tests {
         );
         let before = fs::read(&rootfs).unwrap();
         let bases = d.path().join("bases");
-        let a = prepare(&rootfs, &d.path().join("jobs/a"), &bases).unwrap();
-        let b = prepare(&rootfs, &d.path().join("jobs/b"), &bases).unwrap();
+        let a = prepare(&rootfs, &d.path().join("jobs/a"), &bases, None).unwrap();
+        let b = prepare(&rootfs, &d.path().join("jobs/b"), &bases, None).unwrap();
         if a.kind == DiskKind::Reflink {
             // A reflink-capable filesystem: the other branch is covered elsewhere.
             assert_eq!(a.image_type(), "Raw");
@@ -477,10 +599,10 @@ mod tests {
             .unwrap()
             .write_all_at(b"x", 0)
             .unwrap();
-        let c = prepare(&rootfs, &d.path().join("jobs/c"), &bases).unwrap();
+        let c = prepare(&rootfs, &d.path().join("jobs/c"), &bases, None).unwrap();
         assert_ne!(c.base, a.base);
         // The destination already existing is an error naming it, not an overwrite.
-        let e = prepare(&rootfs, &d.path().join("jobs/a"), &bases).unwrap_err();
+        let e = prepare(&rootfs, &d.path().join("jobs/a"), &bases, None).unwrap_err();
         assert!(matches!(e, DiskError::Exists(_)), "{e}");
         assert!(e.to_string().contains("jobs/a.qcow2"), "{e}");
     }
@@ -488,17 +610,22 @@ mod tests {
     #[test]
     fn rootfs_errors_name_the_path() {
         let d = tempfile::tempdir().unwrap();
-        let e = prepare(&d.path().join("missing.raw"), &d.path().join("j"), d.path())
-            .unwrap_err()
-            .to_string();
+        let e = prepare(
+            &d.path().join("missing.raw"),
+            &d.path().join("j"),
+            d.path(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("missing.raw"), "{e}");
         let empty = sparse(d.path(), "empty.raw", 0, &[]);
         assert!(matches!(
-            prepare(&empty, &d.path().join("j"), d.path()),
+            prepare(&empty, &d.path().join("j"), d.path(), None),
             Err(DiskError::Empty(_))
         ));
         assert!(matches!(
-            prepare(d.path(), &d.path().join("j"), d.path()),
+            prepare(d.path(), &d.path().join("j"), d.path(), None),
             Err(DiskError::Rootfs { .. }) | Err(DiskError::NotAFile(_))
         ));
     }

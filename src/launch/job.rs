@@ -242,9 +242,21 @@ impl<'a> Job<'a> {
     }
 
     /// The per-job disk for `rootfs`.
-    pub(super) fn prepare_disk(&mut self, rootfs: &Path) -> Result<JobDisk, Failure> {
-        let d = disk::prepare(rootfs, &self.paths.disk_stem, &self.paths.bases)
-            .map_err(|e| Failure::setup(e.to_string()))?;
+    /// The per-job disk, carrying `env` (checker.env) in the image's env slot where it has
+    /// one; [`Job::write_env_disk`] is for when it did not (`env_in_slot` false).
+    pub(super) fn prepare_disk(
+        &mut self,
+        rootfs: &Path,
+        env: &[(String, String)],
+    ) -> Result<JobDisk, Failure> {
+        let env = crate::envfile::render(env).map_err(|e| Failure::setup(e.to_string()))?;
+        let d = disk::prepare(
+            rootfs,
+            &self.paths.disk_stem,
+            &self.paths.bases,
+            Some(env.as_bytes()),
+        )
+        .map_err(|e| Failure::setup(e.to_string()))?;
         self.register_disk_removal(&d);
         self.state.disk = Some(d.clone());
         self.save_state()?;

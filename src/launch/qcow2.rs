@@ -158,6 +158,19 @@ fn write_trimmed(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
 /// absolute path) with the same virtual size. Costs a few small writes whatever the size: the
 /// tables are sparse zeros and only the clusters the guest writes are ever allocated.
 pub fn create_overlay(dest: &Path, backing: &Path, size: u64) -> Result<(), Qcow2Error> {
+    create_overlay_with(dest, backing, size, &std::collections::BTreeMap::new())
+}
+
+/// [`create_overlay`], with `clusters` (guest cluster index → its full [`CLUSTER`] bytes)
+/// already allocated in the overlay: how launch puts the job's environment into the per-job
+/// disk before boot (see `crate::rootfs::envslot`). Each costs one L2 table per distinct L1
+/// entry and one data cluster, so a patch of a few clusters stays a handful of writes.
+pub fn create_overlay_with(
+    dest: &Path,
+    backing: &Path,
+    size: u64,
+    clusters: &std::collections::BTreeMap<u64, Vec<u8>>,
+) -> Result<(), Qcow2Error> {
     let name = backing
         .to_str()
         .filter(|s| backing.is_absolute() && s.len() <= MAX_BACKING_NAME)
@@ -168,11 +181,33 @@ pub fn create_overlay(dest: &Path, backing: &Path, size: u64) -> Result<(), Qcow
             size,
         });
     }
+    let invalid = |why: String| Qcow2Error::Invalid {
+        path: dest.to_path_buf(),
+        why,
+    };
+    for (guest, bytes) in clusters {
+        if bytes.len() as u64 != CLUSTER || guest * CLUSTER >= size {
+            return Err(invalid(format!(
+                "internal: data cluster {guest} ({} bytes) does not fit a {size}-byte image",
+                bytes.len()
+            )));
+        }
+    }
     let g = Geometry::new(size, 1);
     let l1_offset = CLUSTER;
     let rt_offset = l1_offset + g.l1_clusters * CLUSTER;
     let rb_offset = rt_offset + g.rt_clusters * CLUSTER;
-    let total = rb_offset / CLUSTER + 1;
+    // Then one L2 table per L1 entry the data needs, then the data clusters.
+    let l1_used: std::collections::BTreeSet<u64> =
+        clusters.keys().map(|c| c / L2_ENTRIES).collect();
+    let l2_offset = rb_offset + CLUSTER;
+    let data_offset = l2_offset + l1_used.len() as u64 * CLUSTER;
+    let total = data_offset / CLUSTER + clusters.len() as u64;
+    if total > REFCOUNT_ENTRIES {
+        return Err(invalid(format!(
+            "internal: {total} clusters do not fit one refcount block"
+        )));
+    }
     let f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -180,7 +215,23 @@ pub fn create_overlay(dest: &Path, backing: &Path, size: u64) -> Result<(), Qcow
         .open(dest)
         .map_err(io_err(dest))?;
     let write = |buf: &[u8], off: u64| f.write_all_at(buf, off).map_err(io_err(dest));
-    // Refcount block first, header last: a crash mid-way leaves no valid-looking image.
+    let mut l1 = vec![0u64; g.l1_entries as usize];
+    let mut l2: Vec<Vec<u64>> = vec![vec![0; L2_ENTRIES as usize]; l1_used.len()];
+    for (i, (guest, bytes)) in clusters.iter().enumerate() {
+        let host = data_offset + i as u64 * CLUSTER;
+        let slot = l1_used.range(..guest / L2_ENTRIES).count();
+        l2[slot][(guest % L2_ENTRIES) as usize] = host | COPIED;
+        l1[(guest / L2_ENTRIES) as usize] = (l2_offset + slot as u64 * CLUSTER) | COPIED;
+        write_trimmed(&f, bytes, host).map_err(io_err(dest))?;
+    }
+    for (slot, table) in l2.iter().enumerate() {
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        write_trimmed(&f, &bytes, l2_offset + slot as u64 * CLUSTER).map_err(io_err(dest))?;
+    }
+    let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+    write_trimmed(&f, &l1_bytes, l1_offset).map_err(io_err(dest))?;
+    // Refcount block first among the metadata, header last: a crash mid-way leaves no
+    // valid-looking image.
     write_trimmed(&f, &refcount_block(0..total, 0), rb_offset).map_err(io_err(dest))?;
     write(&be64(rb_offset), rt_offset)?;
     f.set_len(total * CLUSTER).map_err(io_err(dest))?;
@@ -680,6 +731,80 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&cmp.stdout)
         );
+    }
+
+    /// Data clusters in a new overlay: read back through it (ours and QEMU's reader), the rest
+    /// still the base's, `qemu-img check` clean, and bad input refused.
+    #[test]
+    fn overlay_with_data_clusters() {
+        let d = tempfile::tempdir().unwrap();
+        let size = (512u64 << 20) + 7 * CLUSTER; // two L1 entries (512 MiB each)
+        let raw = raw_with_data(d.path(), size, &[(0, b"base0"), (size - 4, b"end!")]);
+        let base = d.path().join("base.qcow2");
+        convert_raw(&raw, &File::create(&base).unwrap(), &base).unwrap();
+        let mut data = std::collections::BTreeMap::new();
+        let far = size / CLUSTER - 1; // in the second L2 table, also holding base bytes
+        for c in [0u64, 3, far] {
+            let mut b = vec![0u8; CLUSTER as usize];
+            let r = Reader::open(&base).unwrap();
+            r.read_at(&mut b, c * CLUSTER).unwrap();
+            b[100..110].copy_from_slice(format!("cluster{c:03}").as_bytes()[..10].as_ref());
+            data.insert(c, b);
+        }
+        let ov = d.path().join("ov.qcow2");
+        create_overlay_with(&ov, &base, size, &data).unwrap();
+        // What the guest must see at `off`: the patched cluster, else the raw bytes.
+        let expect = |off: u64, n: usize| -> Vec<u8> {
+            match data.get(&(off / CLUSTER)) {
+                Some(b) => b[(off % CLUSTER) as usize..][..n].to_vec(),
+                None => read_raw(&raw, off, n),
+            }
+        };
+        let probes = [
+            0u64,
+            100,
+            3 * CLUSTER + 90,
+            4 * CLUSTER,
+            far * CLUSTER + 96,
+            size - 4,
+        ];
+        let r = Reader::open(&ov).unwrap();
+        for off in probes {
+            let mut got = vec![0u8; 4];
+            r.read_at(&mut got, off).unwrap();
+            assert_eq!(got, expect(off, 4), "at {off}");
+        }
+        if let Some(qemu_img) = which("qemu-img") {
+            let o = std::process::Command::new(&qemu_img)
+                .args(["check", "-f", "qcow2"])
+                .arg(&ov)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+            let out = d.path().join("flat.raw");
+            let o = std::process::Command::new(&qemu_img)
+                .args(["convert", "-f", "qcow2", "-O", "raw"])
+                .arg(&ov)
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            for off in probes {
+                assert_eq!(read_raw(&out, off, 4), expect(off, 4), "QEMU at {off}");
+            }
+        } else {
+            crate::testutil::skip(
+                "qcow2::overlay_with_data_clusters (QEMU cross-check)",
+                "`qemu-img` is not installed (qemu-utils)",
+            );
+        }
+        // A cluster of the wrong size or past the end is refused, and nothing is created.
+        for (c, len) in [(0u64, 10usize), (size / CLUSTER + 1, CLUSTER as usize)] {
+            let bad = std::collections::BTreeMap::from([(c, vec![1u8; len])]);
+            let p = d.path().join(format!("bad{c}"));
+            assert!(create_overlay_with(&p, &base, size, &bad).is_err());
+            assert!(!p.exists());
+        }
     }
 
     fn which(name: &str) -> Option<PathBuf> {

@@ -20,6 +20,7 @@ use super::supervisor::{
 };
 use super::vmm;
 use super::{code, LaunchArgs};
+use crate::rootfs::envslot;
 use crate::Context;
 
 /// The full `vm.create` body.
@@ -37,7 +38,14 @@ pub fn vm_config(
             cmdline,
             ..
         } => {
-            let mut p = json!({ "kernel": kernel, "cmdline": cmdline });
+            // Where /init finds checker.env: the file chvkit wrote into the job disk, or the
+            // env disk.
+            let env_word = if d.env_in_slot {
+                envslot::CMDLINE_ARG.to_string()
+            } else {
+                crate::rootfs::envdisk::cmdline_arg(super::config::ENV_DEVICE)
+            };
+            let mut p = json!({ "kernel": kernel, "cmdline": format!("{cmdline} {env_word}") });
             if let Some(i) = initramfs {
                 p["initramfs"] = json!(i);
             }
@@ -51,14 +59,17 @@ pub fn vm_config(
     if d.base.is_some() {
         root["backing_files"] = json!(true);
     }
+    let mut disks = vec![root];
+    if !d.env_in_slot {
+        disks.push(
+            json!({ "path": paths.env_disk, "readonly": true, "image_type": "Raw", "id": "env" }),
+        );
+    }
     let mut cfg = json!({
         "cpus": { "boot_vcpus": spec.cpus, "max_vcpus": spec.cpus },
         "memory": { "size": u64::from(spec.memory_mib) << 20 },
         "payload": payload,
-        "disks": [
-            root,
-            { "path": paths.env_disk, "readonly": true, "image_type": "Raw", "id": "env" }
-        ],
+        "disks": disks,
         "net": [ { "tap": spec.identity.tap, "mac": spec.identity.mac.to_string() } ],
         "rng": { "src": "/dev/urandom" },
         "serial": { "mode": "File", "file": paths.serial },
@@ -308,7 +319,7 @@ fn prepare_and_run(
         // prepared; it needs none of them before vm.create/vm.boot.
         job.spawn_vmm()?;
         stage(t0, "VMM spawned");
-        let d = job.prepare_disk(&spec.rootfs)?;
+        let d = job.prepare_disk(&spec.rootfs, &spec.env)?;
         stage(t0, "per-job disk ready");
         if let Some(s) = sigs.pending() {
             return Err(Failure::new(
@@ -317,8 +328,10 @@ fn prepare_and_run(
                 format!("{} received while preparing", s.as_str()),
             ));
         }
-        job.write_env_disk(&spec.env)?;
-        stage(t0, "env disk written");
+        if !d.env_in_slot {
+            job.write_env_disk(&spec.env)?;
+            stage(t0, "env disk written");
+        }
         // The TAP must exist before vm.create: the VMM applies Landlock when it takes the
         // config, and one of the rules is the TAP's own sysfs directory (see
         // `landlock_base_rules`); made any earlier, the read of its tun_flags at boot is
@@ -453,13 +466,14 @@ mod tests {
         let s = spec(Boot::Kernel {
             kernel: "/k".into(),
             initramfs: Some("/i".into()),
-            cmdline: "console=ttyS0 root=/dev/vda rw chvkit.env=/dev/vdb".into(),
+            cmdline: "console=ttyS0 root=/dev/vda rw".into(),
             source: "--kernel",
         });
-        let d = JobDisk {
+        let mut d = JobDisk {
             path: "/x/var/lib/chvkit/disks/j1.qcow2".into(),
             kind: DiskKind::Qcow2Overlay,
             base: Some("/x/var/lib/chvkit/bases/b.qcow2".into()),
+            env_in_slot: false,
         };
         let c = vm_config(&s, &paths(), &d, true);
         assert_eq!(
@@ -475,6 +489,10 @@ mod tests {
         assert_eq!(c["disks"][1]["image_type"], "Raw");
         assert_eq!(c["disks"][1]["readonly"], true);
         assert_eq!(c["disks"][1]["path"], "/x/run/chvkit/j1/env.img");
+        assert_eq!(
+            c["payload"]["cmdline"],
+            "console=ttyS0 root=/dev/vda rw chvkit.env=/dev/vdb"
+        );
         // Only tap and mac: `ip`/`mask` would configure the host side.
         let net = c["net"][0].as_object().unwrap();
         assert_eq!(net.keys().collect::<Vec<_>>(), ["mac", "tap"]);
@@ -492,11 +510,20 @@ mod tests {
         assert!(has("/x/var/lib/chvkit/bases/b.qcow2", "r"));
         assert!(has(&format!("/sys/class/net/{}", s.identity.tap), "r"));
         assert!(has("/snap", "rw"));
+        // The environment in the job disk's slot: one disk, and /init is told so.
+        d.env_in_slot = true;
+        let c = vm_config(&s, &paths(), &d, true);
+        assert_eq!(c["disks"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            c["payload"]["cmdline"],
+            "console=ttyS0 root=/dev/vda rw chvkit.env=/etc/checker.env"
+        );
 
         let raw = JobDisk {
             path: "/d.raw".into(),
             kind: DiskKind::Reflink,
             base: None,
+            env_in_slot: false,
         };
         let fw = spec(Boot::Firmware {
             firmware: "/fw".into(),

@@ -44,7 +44,9 @@ pub struct SnapshotMeta {
     /// Without `--stop`: the running job's disk at snapshot time (it keeps changing).
     #[serde(default)]
     pub live_disk: Option<PathBuf>,
-    pub env_disk_file: String,
+    /// The env disk's copy; none when the job's environment is in its disk's env slot.
+    #[serde(default)]
+    pub env_disk_file: Option<String>,
     pub stopped: bool,
     pub created_at: f64,
     pub snapshot_ms: u64,
@@ -598,11 +600,15 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
             Ok(())
         }
     };
-    if let Err(e) = disk::copy_file(&st.env_disk, &tmp.join(env_name)) {
-        if let Err(r) = resume(&mut c) {
-            eprintln!("chvkit: job {job}: resuming after the failed snapshot: {r}");
+    // The job's environment lives in its disk (the env slot) or on the env disk.
+    let env_in_slot = st.disk.as_ref().is_some_and(|d| d.env_in_slot);
+    if !env_in_slot {
+        if let Err(e) = disk::copy_file(&st.env_disk, &tmp.join(env_name)) {
+            if let Err(r) = resume(&mut c) {
+                eprintln!("chvkit: job {job}: resuming after the failed snapshot: {r}");
+            }
+            return fail(format!("job {job}: {e}"));
         }
-        return fail(format!("job {job}: {e}"));
     }
     let mut meta = SnapshotMeta {
         schema: SNAPSHOT_SCHEMA,
@@ -619,7 +625,7 @@ fn snapshot(ctx: &Context, job: &str, dir: &Path, stop_after: bool) -> anyhow::R
         disk_kind: st.disk.as_ref().map(|d| d.kind),
         disk_base: st.disk.as_ref().and_then(|d| d.base.clone()),
         live_disk: None,
-        env_disk_file: env_name.into(),
+        env_disk_file: (!env_in_slot).then(|| env_name.into()),
         stopped: stop_after,
         created_at: rundir::now_unix(),
         snapshot_ms,
@@ -1057,11 +1063,14 @@ fn restore_inner(
         path: dest,
         kind,
         base: meta.disk_base.clone(),
+        env_in_slot: meta.env_disk_file.is_none(),
     };
     job.adopt_disk(d.clone())?;
-    disk::copy_file(&dir.join(&meta.env_disk_file), &job.paths.env_disk)
-        .map_err(|e| Failure::setup(e.to_string()))?;
-    job.jail_env_disk()?;
+    if let Some(env) = &meta.env_disk_file {
+        disk::copy_file(&dir.join(env), &job.paths.env_disk)
+            .map_err(|e| Failure::setup(e.to_string()))?;
+        job.jail_env_disk()?;
+    }
 
     // The restore source: the snapshot with paths rewritten for this job.
     let staging = job.paths.restore_dir.clone();
@@ -1104,7 +1113,7 @@ fn restore_inner(
         let n = name.to_string_lossy();
         if n == "config.json"
             || n == SNAPSHOT_META
-            || n == meta.env_disk_file
+            || Some(n.as_ref()) == meta.env_disk_file.as_deref()
             || Some(n.as_ref()) == meta.disk_file.as_deref()
         {
             continue;

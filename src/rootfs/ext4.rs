@@ -575,7 +575,7 @@ pub fn normalize_superblock_times(img: &Path, epoch: i64) -> Result<(), Ext4Erro
 }
 
 /// CRC32C (Castagnoli) without the final inversion, as ext4 uses it.
-fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
+pub(super) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
     const POLY: u32 = 0x82F6_3B78;
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
     let t = TABLE.get_or_init(|| {

@@ -1,8 +1,9 @@
 //! The generated `/init`: PID 1 of the guest.
 //!
 //! It is a POSIX sh script (checked with `dash -n` and `busybox sh -n` by the tests) that mounts
-//! the pseudo filesystems, reads the per-job environment (from the env disk named by
-//! `chvkit.env=` on the kernel command line, else the image's `/etc/checker.env`), configures
+//! the pseudo filesystems, reads the per-job environment (`/etc/checker.env`, which launch
+//! writes into the job's disk through the image's env slot, or the env disk named by
+//! `chvkit.env=` on the kernel command line, else the image's own file), configures
 //! IPv6, runs the image's command **as a child** and, when it ends, prints exactly one
 //! `CHVKIT_EXIT=<status>` line on the console and powers the VM off. It never exits while it is
 //! PID 1 (that panics the kernel) and never reboots (a reboot loops under Cloud Hypervisor).
@@ -13,7 +14,7 @@
 use crate::envfile::shell_quote;
 
 /// Bumped whenever the generated script changes: it is part of the rootfs cache key.
-pub const GENERATOR_VERSION: u32 = 2;
+pub const GENERATOR_VERSION: u32 = 3;
 
 /// Where the host's busybox-static is injected inside the guest.
 pub const BUSYBOX_PATH: &str = "/.chvkit/busybox";
@@ -131,7 +132,7 @@ export PATH
 umask 022
 set -f
 ENVFILE=/etc/checker.env
-ENV_FROM_DISK=
+ENV_FROM_CHVKIT=
 IFACE=
 "#;
 
@@ -251,9 +252,11 @@ net_up() {
 	fi
 }
 
-# The launcher passes checker.env on a read-only disk (NUL-padded to 4 KiB blocks) because the
-# root disk may not be writable from the host before boot.
-load_env_disk() {
+# Where the launcher put checker.env. `chvkit.env=/etc/checker.env`: it wrote the image's
+# env slot in the job's disk before boot, with its own writer (every value quoted), so the file
+# is ready and trusted as it is. `chvkit.env=/dev/vdX`: a read-only disk (NUL-padded to 4 KiB
+# blocks), for images without a slot or an environment too large for it.
+load_env() {
 	_dev=
 	read -r _cmdline </proc/cmdline || _cmdline=
 	for _w in $_cmdline; do
@@ -262,6 +265,10 @@ load_env_disk() {
 		esac
 	done
 	[ -n "$_dev" ] || return 0
+	if [ "$_dev" = "$ENVFILE" ]; then
+		ENV_FROM_CHVKIT=1
+		return 0
+	fi
 	_i=0
 	while [ ! -b "$_dev" ] && [ "$_i" -lt 30 ]; do
 		_i=$((_i + 1))
@@ -281,7 +288,7 @@ load_env_disk() {
 		if bb tr -d '\000' <"$_dev" >"$_target" 2>/dev/null; then
 			umask 022
 			ENVFILE=$_target
-			ENV_FROM_DISK=1
+			ENV_FROM_CHVKIT=1
 			return 0
 		fi
 		umask 022
@@ -320,11 +327,12 @@ mnt tmpfs /dev/shm nosuid,nodev,mode=1777
 mnt tmpfs /run nosuid,nodev,mode=0755
 mnt tmpfs /tmp nosuid,nodev,mode=1777
 
-load_env_disk
+load_env
 if [ -r "$ENVFILE" ]; then
 	# A file that does not parse would make `.` kill PID 1: check the image's own file first
-	# (the env disk's comes from chvkit's own writer, which quotes every value).
-	if [ -n "${ENV_FROM_DISK:-}" ] || $WSH -n "$ENVFILE"; then
+	# (one from the launcher, in the slot or on the env disk, comes from chvkit's own writer,
+	# which quotes every value; the check would cost a process, about a second under PVM).
+	if [ -n "${ENV_FROM_CHVKIT:-}" ] || $WSH -n "$ENVFILE"; then
 		set -a
 		. "$ENVFILE"
 		set +a

@@ -9,7 +9,9 @@
 
 pub mod cache;
 pub mod envdisk;
+pub mod envslot;
 pub mod ext4;
+pub mod ext4read;
 pub mod init;
 pub mod oci;
 pub mod populate;

@@ -229,8 +229,13 @@ pub fn prepare(root: &Path, mut w: Workload, busybox: &Path) -> Result<Prepared,
         let p = root.join(w.cwd.trim_start_matches('/'));
         fs::create_dir_all(&p).map_err(ioe(&p))?;
     }
-    // The launcher supplies the environment; the image carries an empty, root-only placeholder.
-    write_file(&root.join("etc/checker.env"), b"", 0o600)?;
+    // The launcher supplies the environment: the image carries a root-only placeholder it can
+    // fill in the job's disk before boot (the env slot; see `super::envslot`).
+    write_file(
+        &root.join("etc/checker.env"),
+        &super::envslot::placeholder(),
+        0o600,
+    )?;
     // The kernel opens /dev/console before /init runs and mounts no devtmpfs by itself
     // (CONFIG_DEVTMPFS_MOUNT is off in Debian's kernels): without the node /init has no stdio.
     let dev = root.join("dev");

@@ -22,6 +22,7 @@ main)
 		exit 11
 	fi
 	echo "workload: evil value inert"
+	echo "workload: env file bytes=$(wc -c </etc/checker.env)"
 	ip -6 addr show dev eth0
 	if ping -c 1 -W 20 fdcd::1; then echo "workload: gateway ping ok"; else exit 10; fi
 	exit 7
