@@ -57,19 +57,27 @@ fn write(p: &Path, v: &str) -> io::Result<()> {
 /// Then (and only when /sys/fs/cgroup shows nothing) chvkit moves itself into a mount
 /// namespace of its own (slave to the one it was in: nothing propagates back) and mounts the
 /// hierarchies the kernel already has there again, as `ip netns exec` itself does with sysfs.
+///
+/// A found tree is remembered for the process: a launch asks about ten times (creating,
+/// entering, listing job cgroups), and the answer cannot change under it.
 pub fn detect() -> Result<(Version, PathBuf), String> {
     static MOUNTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    static FOUND: std::sync::OnceLock<Version> = std::sync::OnceLock::new();
     let root = Path::new(CGROUP_ROOT);
-    match detect_at(root) {
-        Ok(v) => Ok((v, root.to_path_buf())),
+    if let Some(v) = FOUND.get() {
+        return Ok((*v, root.to_path_buf()));
+    }
+    let v = match detect_at(root) {
+        Ok(v) => v,
         Err(e) => {
             if !hidden_tree() {
                 return Err(e);
             }
             MOUNTED.get_or_init(mount_private_tree).clone()?;
-            detect_at(root).map(|v| (v, root.to_path_buf()))
+            detect_at(root)?
         }
-    }
+    };
+    Ok((*FOUND.get_or_init(|| v), root.to_path_buf()))
 }
 
 /// /sys/fs/cgroup is empty while the kernel has cgroup hierarchies: a sysfs mounted over the

@@ -37,6 +37,24 @@ pub struct Env {
     _heavy: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
+impl Drop for Env {
+    /// A test that failed midway leaves its jobs running: stop them and collect what is left
+    /// (VMMs, TAPs, disks, job cgroups — the cgroups are the host's, not the temp root's).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for job in self.runtime_entries() {
+            let job = job.to_string_lossy().into_owned();
+            if !job.starts_with('.') && self.run_dir(&job).is_dir() {
+                let _ = self.cmd(&["vm", "stop", &job]).output();
+            }
+        }
+        // No unwrap here: a panic while panicking aborts the whole test binary.
+        let _ = self.cmd(&["gc"]).output();
+    }
+}
+
 pub fn identity(job: &str) -> Identity {
     let p = chvkit::profile::Profile::embedded().unwrap();
     Identity::derive(job, p.network.prefix, p.network.gateway).unwrap()
