@@ -909,6 +909,21 @@ fn cloud_hypervisor_launch_32_concurrent() {
             .count(),
         32
     );
+    // Jailed (`--jail auto` on a host that can): each job has its own cgroup, and no job's
+    // cgroup may outlive it.
+    let cg_names: Vec<String> = (0..32)
+        .map(|i| chvkit::jail::cgroup_name(&format!("par-{i}"), &e.runtime()))
+        .collect();
+    let live_cgroups = || -> usize {
+        chvkit::jail::cgroup::job_cgroups()
+            .iter()
+            .filter(|(n, _)| cg_names.contains(n))
+            .count()
+    };
+    let jailed = e.state("par-0").is_some_and(|s| !s["jail"].is_null());
+    if jailed {
+        assert_eq!(live_cgroups(), 32);
+    }
     let t1 = Instant::now();
     let stops: Vec<Output> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..32)
@@ -925,7 +940,7 @@ fn cloud_hypervisor_launch_32_concurrent() {
     vmm::notice(
         e.test,
         &format!(
-            "32 launches in {:?}, 32 stops in {:?}",
+            "32 launches in {:?}, 32 stops in {:?}; jailed: {jailed}",
             launched,
             t1.elapsed()
         ),
@@ -935,6 +950,7 @@ fn cloud_hypervisor_launch_32_concurrent() {
     }
     assert!(!e.links().contains("chv-"));
     assert_eq!(fs::read_dir(e.runtime()).unwrap().count(), 0);
+    assert_eq!(live_cgroups(), 0, "job cgroups left");
 }
 
 #[test]
