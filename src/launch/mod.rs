@@ -19,10 +19,13 @@ pub mod gc;
 pub mod identity;
 mod job;
 pub mod qcow2;
+mod restore;
 pub mod run;
 pub mod rundir;
+pub mod snapshot;
 mod supervisor;
 pub mod tap;
+mod target;
 pub mod vm;
 pub mod vmm;
 
