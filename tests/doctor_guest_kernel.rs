@@ -232,7 +232,7 @@ fn installed_pvh_kernel_passes_on_hardware() {
     r.assert_says(
         "kernel.guest",
         "detail",
-        "command line (launch without --cmdline): console=ttyS0 root=/dev/vda rw init=/init chvkit.env=/dev/vdb",
+        "command line (launch without --cmdline): console=ttyS0 root=/dev/vda rw init=/init chvkit.env=/etc/checker.env",
     );
     r.assert_not_says("kernel.guest", "detail", "clearcpuid");
     // No kernel named, but launch boots the installed one: direct boot works.
