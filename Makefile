@@ -39,6 +39,8 @@ test: test-deps test-vmm guest-kernel
 	@# Where the real VMM is installed the suite above ran against it; run the VMM tests against
 	@# the stand-in too, so the stand-in stays honest and its exit-code paths are exercised.
 	$(TEST_ENV) CHVKIT_TEST_VMM=standin $(CARGO) test --test cloud_hypervisor_api --test cloud_hypervisor_launch --test cloud_hypervisor_network
+	@# The Ansible collection (deploy/ansible) against a network namespace and a temp root.
+	$(TEST_ENV) ./scripts/test-ansible.sh target/debug/chvkit
 	@if [ -s $(SKIP_LOG) ]; then echo "skipped tests: $$(wc -l < $(SKIP_LOG))"; cat $(SKIP_LOG); else echo "skipped tests: 0"; fi
 
 lint: fmt clippy
