@@ -19,17 +19,6 @@ description:
   - O(fail_on) decides which findings fail the task; the failure message names each of them
     with its fix.
 options:
-  binary:
-    description:
-      - The chvkit executable on the target. A name is looked up on E(PATH) and in
-        C(/usr/local/bin); a value with a C(/) is used as the path itself.
-    type: str
-    default: chvkit
-  profile:
-    description:
-      - Host profile (YAML) on the target, passed as C(--profile). Unset means the profile
-        embedded in chvkit.
-    type: path
   root:
     description:
       - Prefix for every file chvkit reads (C(--root)), as given to M(chvkit.host.chvkit_setup).
@@ -49,6 +38,7 @@ options:
     choices: [fail, warn, never]
     default: fail
 extends_documentation_fragment:
+  - chvkit.host.common
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.facts
 attributes:

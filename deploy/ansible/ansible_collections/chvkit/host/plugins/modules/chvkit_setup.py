@@ -31,17 +31,6 @@ options:
     type: str
     choices: [present, absent]
     default: present
-  binary:
-    description:
-      - The chvkit executable on the target. A name is looked up on E(PATH) and in
-        C(/usr/local/bin); a value with a C(/) is used as the path itself.
-    type: str
-    default: chvkit
-  profile:
-    description:
-      - Host profile (YAML) on the target, passed as C(--profile). Unset means the profile
-        embedded in chvkit.
-    type: path
   root:
     description:
       - Prefix for every file chvkit reads or writes (C(--root)), that is the artifacts, the
@@ -75,6 +64,7 @@ options:
     type: bool
     default: false
 extends_documentation_fragment:
+  - chvkit.host.common
   - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
