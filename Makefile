@@ -11,7 +11,7 @@ KERNEL_CACHE ?= $(HOME)/.cache/chvkit/kernel
 # What every test run sees: the skip log, the kernel cache, and the real VMM where installed.
 TEST_ENV = CHVKIT_SKIP_LOG=$(SKIP_LOG) CHVKIT_KERNEL_CACHE=$(KERNEL_CACHE) $(shell cat $(TEST_VMM)/env 2>/dev/null)
 
-.PHONY: all build test test-deps test-vmm guest-kernel lint fmt clippy bench clean
+.PHONY: all build test test-deps test-vmm guest-kernel lint fmt clippy bench clean man
 
 all: build
 
@@ -42,6 +42,11 @@ test: test-deps test-vmm guest-kernel
 	@# The Ansible collection (deploy/ansible) against a network namespace and a temp root.
 	$(TEST_ENV) ./scripts/test-ansible.sh target/debug/chvkit
 	@if [ -s $(SKIP_LOG) ]; then echo "skipped tests: $$(wc -l < $(SKIP_LOG))"; cat $(SKIP_LOG); else echo "skipped tests: 0"; fi
+
+# Man pages, one per command (chvkit.1, chvkit-doctor.1, …, chvkit-vm-ls.1), generated from the
+# CLI definition by examples/man.rs; read one with `man -l target/man/chvkit.1`.
+man:
+	$(CARGO) run --quiet --example man -- $(CURDIR)/target/man
 
 lint: fmt clippy
 

@@ -54,6 +54,13 @@ want ld binutils
 want patch patch
 want /usr/include/libelf.h libelf-dev
 want xz xz-utils
+# doctor's Prometheus output is checked with promtool, the man pages rendered with man -l, the
+# completion scripts parsed by zsh and fish.
+want promtool prometheus
+want man man-db
+want groff groff-base
+want zsh zsh
+want fish fish
 # The QEMU guest harness boots Debian's cloud kernel.
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
 
@@ -71,6 +78,11 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}"
+# Only promtool is wanted from Debian's prometheus package: on a systemd host the package would
+# also enable and start a Prometheus server.
+if printf '%s\n' "${need[@]}" | grep -qx prometheus; then
+  systemctl disable --now prometheus 2>/dev/null || true
+fi
 
 # An install can remove what another package provided (qemu-system-x86 once took qemu-img):
 # check everything again and fail loudly rather than let a test skip later.

@@ -1,8 +1,12 @@
 //! Command-line front end: parses flags, loads the profile, dispatches, maps errors to exit codes.
 
+mod completions;
+
 use std::path::PathBuf;
 
 use clap::{FromArgMatches, Parser};
+
+pub use self::completions::{man_pages, write_man_pages, CompletionsArgs};
 
 use crate::{exit, paths::Root, profile::Profile, Context};
 
@@ -15,12 +19,24 @@ use crate::{exit, paths::Root, profile::Profile, Context};
 )]
 pub struct Cli {
     /// Host profile (YAML). Default: the embedded profiles/default.yaml.
-    #[arg(long, global = true, env = "CHVKIT_PROFILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "CHVKIT_PROFILE",
+        value_name = "FILE",
+        value_hint = clap::ValueHint::FilePath
+    )]
     pub profile: Option<PathBuf>,
 
     /// Prefix for every file chvkit reads or writes on the host (install dir, sysctl.d, units,
     /// state). Networking is not affected: use a network namespace for that.
-    #[arg(long, global = true, env = "CHVKIT_ROOT", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "CHVKIT_ROOT",
+        value_name = "DIR",
+        value_hint = clap::ValueHint::DirPath
+    )]
     pub root: Option<PathBuf>,
 
     /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
@@ -41,13 +57,14 @@ pub enum Command {
     Launch(Box<crate::launch::LaunchArgs>),
     Vm(crate::launch::VmCommand),
     Gc(crate::launch::GcArgs),
+    Completions(CompletionsArgs),
 }
 
 /// What adds a command's arguments (or subcommands) to it.
 type AddArgs = fn(clap::Command) -> clap::Command;
 
 /// Each command: name, one-line help, and what adds its arguments.
-const COMMANDS: [(&str, &str, AddArgs); 8] = {
+const COMMANDS: [(&str, &str, AddArgs); 9] = {
     use clap::{Args, Subcommand};
     [
         (
@@ -89,6 +106,11 @@ const COMMANDS: [(&str, &str, AddArgs); 8] = {
             "gc",
             "Remove what dead jobs left behind (TAPs, sockets, run dirs)",
             crate::launch::GcArgs::augment_args,
+        ),
+        (
+            "completions",
+            "Print a shell completion script (bash, zsh, fish, elvish, powershell)",
+            CompletionsArgs::augment_args,
         ),
     ]
 };
@@ -141,6 +163,7 @@ impl clap::FromArgMatches for Command {
             "launch" => Command::Launch(Box::new(FromArgMatches::from_arg_matches_mut(sub)?)),
             "vm" => Command::Vm(FromArgMatches::from_arg_matches_mut(sub)?),
             "gc" => Command::Gc(FromArgMatches::from_arg_matches_mut(sub)?),
+            "completions" => Command::Completions(FromArgMatches::from_arg_matches_mut(sub)?),
             other => {
                 return Err(clap::Error::raw(
                     ErrorKind::InvalidSubcommand,
@@ -176,6 +199,11 @@ fn init_tracing(verbose: u8) {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
+    // Completions describe the command line itself: no profile is loaded, so a broken
+    // CHVKIT_PROFILE cannot break a shell's start-up.
+    if let Command::Completions(a) = &cli.command {
+        return exit_code(completions::print_completions(a));
+    }
     let profile = match Profile::load(cli.profile.as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -201,7 +229,13 @@ pub fn main() -> i32 {
         Command::Launch(a) => crate::launch::run_launch(&ctx, *a),
         Command::Vm(c) => crate::launch::run_vm(&ctx, c),
         Command::Gc(a) => crate::launch::run_gc(&ctx, a),
+        // Returned above, before the profile; dispatched here too so that no arm can panic.
+        Command::Completions(a) => completions::print_completions(&a),
     };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<i32>) -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -10,7 +10,9 @@ mod seed_net;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
+use chvkit::launch::rundir::{JobLock, STATE_SCHEMA};
 use common::NetNs;
 use seed_net::SEED_SETUP;
 use serde_json::Value;
@@ -383,15 +385,110 @@ fn tap_down() {
 }
 
 #[test]
-fn tap_without_process_is_left_behind() {
-    // A persistent TAP nobody holds: what a killed VMM leaves. It has no carrier.
-    let breaker =
-        "ip tuntap add chv-t1 mode tap && ip link set chv-t1 master chvbr0 && ip link set chv-t1 up";
-    let Some((ns, _tap)) = seeded_break("dtapl", breaker, "net.taps", "WARN") else {
+fn tap_ready_but_not_held_passes_with_its_name() {
+    // The seed's own setup pre-creates its TAP, attaches it and brings it up before the VMM
+    // opens it (chvkit's launch does the same): no carrier yet, but ready, not left behind.
+    let Some((ns, _tap)) = seeded("dtapr") else {
         return;
     };
-    let gone = ns.sh("ip link show chv-t1");
-    assert!(!gone.status.success(), "the hint deletes the stale TAP");
+    ns.sh_ok(
+        "ip tuntap add chv-t1 mode tap && ip link set chv-t1 master chvbr0 && ip link set chv-t1 up",
+    );
+    let d = doctor(&ns, &[]);
+    assert!(d.bad().is_empty(), "{}", d.raw);
+    let summary = d.check("net.taps")["summary"].as_str().unwrap_or("");
+    assert!(
+        summary.contains("chv-t1") && summary.contains("ready") && summary.contains("1 TAP"),
+        "{}",
+        d.raw
+    );
+    // Once a VMM holds it, it is in service like chv-t0.
+    let _t1 = seed_net::hold_tap(&ns.name, "chv-t1").expect("hold TAP chv-t1");
+    let d = doctor(&ns, &[]);
+    let summary = d.check("net.taps")["summary"].as_str().unwrap_or("");
+    assert!(
+        d.bad().is_empty() && summary.contains("2 TAP") && !summary.contains("ready"),
+        "{}",
+        d.raw
+    );
+}
+
+#[test]
+fn tap_detached_without_process_warns() {
+    // Created, never attached (and down): a VM started on it would have no network. The hint
+    // attaches it, which makes it ready.
+    seeded_break("dtapx", "ip tuntap add chv-t1 mode tap", "net.taps", "WARN");
+}
+
+#[test]
+fn tap_down_without_process_warns() {
+    seeded_break(
+        "dtapw",
+        "ip tuntap add chv-t1 mode tap && ip link set chv-t1 master chvbr0",
+        "net.taps",
+        "WARN",
+    );
+}
+
+/// A run dir under `run` whose state names `tap`: what launch writes before it creates the TAP.
+fn job_state(run: &Path, job: &str, tap: &str) {
+    let dir = run.join(job);
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = serde_json::json!({ "schema": STATE_SCHEMA, "job_id": job, "tap": tap });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+}
+
+#[test]
+fn tap_of_a_gone_job_is_left_behind() {
+    let Some((ns, _tap)) = seeded("dtapg") else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let run = root.path().join("run/chvkit");
+    let r = root.path().to_str().unwrap();
+    // job-live: a launch between attaching its TAP and starting the VMM (its lock is held).
+    // job-dead: a launch killed after it attached its TAP (its lock file is there, unheld).
+    job_state(&run, "job-live", "chv-t1");
+    let live = JobLock::try_acquire(&run.join("job-live.lock"))
+        .unwrap()
+        .expect("lock job-live");
+    job_state(&run, "job-dead", "chv-t2");
+    std::fs::write(run.join("job-dead.lock"), "").unwrap();
+    for t in ["chv-t1", "chv-t2"] {
+        ns.sh_ok(&format!(
+            "ip tuntap add {t} mode tap && ip link set {t} master chvbr0 && ip link set {t} up"
+        ));
+    }
+    // Only the dead job's TAP is reported; its hint removes it and leaves the live job's alone.
+    break_and_fix(&ns, "true", "net.taps", "WARN", &[], &["--root", r]);
+    assert!(
+        !ns.sh("ip link show chv-t2").status.success(),
+        "chv-t2 deleted"
+    );
+    let d = doctor(&ns, &["--root", r]);
+    let summary = d.check("net.taps")["summary"].as_str().unwrap_or("");
+    assert!(
+        summary.contains("chv-t1") && summary.contains("ready"),
+        "{}",
+        d.raw
+    );
+    // The live job's supervisor dies: now its TAP is left behind too.
+    drop(live);
+    let d = doctor(&ns, &["--root", r]);
+    assert_eq!(d.level("net.taps"), "WARN", "{}", d.raw);
+    let summary = d.check("net.taps")["summary"].as_str().unwrap_or("");
+    assert!(summary.contains("job-live"), "{}", d.raw);
+    assert_eq!(d.hint("net.taps"), "ip link del chv-t1");
+    // A dead job whose VMM still holds the TAP: only gc, which stops that VMM, fixes it.
+    job_state(&run, "job-orph", "chv-t0");
+    let d = doctor(&ns, &["--root", r]);
+    let summary = d.check("net.taps")["summary"].as_str().unwrap_or("");
+    assert!(
+        summary.contains("job-orph") && summary.contains("still holds"),
+        "{}",
+        d.raw
+    );
+    assert_eq!(d.hint("net.taps"), "chvkit gc");
 }
 
 #[test]

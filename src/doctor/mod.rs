@@ -3,7 +3,8 @@
 //!
 //! Facts are read once ([`facts::Facts::gather`], from [`crate::host`]) and judged by pure
 //! functions; doctor never changes the host. Check ids are stable: scripts use them with
-//! `--only` and in `--json` output.
+//! `--only` and in `--json` output, and dashboards in the Prometheus output (`--format
+//! prometheus`, `--textfile DIR`; docs/metrics.md).
 
 pub mod artifacts;
 pub mod facts;
@@ -13,21 +14,47 @@ pub mod report;
 pub mod system;
 
 use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
 
 use self::facts::{need, Facts};
 use self::network::Net;
-use self::report::{Finding, Report};
+use self::report::{Finding, Report, RunInfo};
 use crate::{exit, Context};
+
+/// The file `--textfile DIR` writes (node_exporter's textfile collector reads `DIR/*.prom`).
+pub const TEXTFILE_NAME: &str = "chvkit.prom";
+
+/// How the report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned text for people (colour on a terminal unless NO_COLOR is set).
+    Text,
+    /// The JSON document (`schema` 1).
+    Json,
+    /// Prometheus text exposition format (docs/metrics.md).
+    Prometheus,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
-    /// Print the findings as JSON (`schema` 1) instead of text.
-    #[arg(long)]
+    /// Output format [default: text; none with --textfile alone].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
+
+    /// Same as `--format json`.
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
 
-    /// Show only findings that are not PASS.
+    /// Also write the Prometheus metrics to DIR/chvkit.prom, replaced atomically, for
+    /// node_exporter's textfile collector. Stdout then gets a report only if --format or --json
+    /// asks for one.
+    #[arg(long, value_name = "DIR", value_hint = clap::ValueHint::DirPath)]
+    pub textfile: Option<PathBuf>,
+
+    /// Show only findings that are not PASS (text output; JSON and metrics always carry all).
     #[arg(short, long)]
     pub quiet: bool,
 
@@ -152,24 +179,68 @@ pub fn run(ctx: &Context, a: DoctorArgs) -> anyhow::Result<i32> {
         );
         return Ok(exit::USAGE);
     }
-    let report = diagnose(ctx, &a.only);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if a.json {
-        report.write_json(&mut out).context("writing the report")?;
-    } else {
-        let colour =
-            stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        report
-            .write_human(&mut out, colour, a.quiet)
-            .context("writing the report")?;
+    // Checked before the checks run, so that a typo costs nothing and writes nothing.
+    if let Some(dir) = &a.textfile {
+        if !dir.is_dir() {
+            eprintln!(
+                "chvkit: doctor: --textfile {}: not a directory (node_exporter's \
+                 --collector.textfile.directory, which must exist)",
+                dir.display()
+            );
+            return Ok(exit::USAGE);
+        }
     }
-    out.flush().context("writing the report")?;
+    let started = Instant::now();
+    let report = diagnose(ctx, &a.only);
+    let run = RunInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        duration: started.elapsed(),
+        finished: SystemTime::now(),
+    };
+    if let Some(dir) = &a.textfile {
+        write_textfile(dir, &report, &run)?;
+    }
+    let format = match (a.json, a.format, &a.textfile) {
+        (true, _, _) => Some(Format::Json),
+        (false, Some(f), _) => Some(f),
+        (false, None, Some(_)) => None,
+        (false, None, None) => Some(Format::Text),
+    };
+    if let Some(format) = format {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        match format {
+            Format::Json => report.write_json(&mut out),
+            Format::Prometheus => report.write_prometheus(&mut out, &run),
+            Format::Text => {
+                let colour = stdout.is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+                report.write_human(&mut out, colour, a.quiet)
+            }
+        }
+        .and_then(|()| out.flush())
+        .context("writing the report")?;
+    }
+    // The exit status does not depend on the format: a textfile timer that must not count a
+    // FAIL as its own failure says so in its unit (`SuccessExitStatus=1`, docs/metrics.md).
     Ok(if report.has_fail() {
         exit::FAILURE
     } else {
         exit::OK
     })
+}
+
+/// Replace `DIR/chvkit.prom` in one rename: the collector may read it at any moment, and a
+/// half-written file would be a scrape error (or, worse, a partial set of series).
+fn write_textfile(dir: &Path, report: &Report, run: &RunInfo) -> anyhow::Result<()> {
+    let mut text = Vec::with_capacity(4096);
+    report
+        .write_prometheus(&mut text, run)
+        .context("rendering the metrics")?;
+    let dest = dir.join(TEXTFILE_NAME);
+    // 0644: node_exporter runs as its own user and must be able to read the file.
+    crate::fsutil::write_atomic(&dest, &text, 0o644)
+        .with_context(|| format!("writing {}", dest.display()))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! `net.*`: the bridge, its gateway address, DAD, forwarding, router advertisements, NAT,
-//! forward rules, host exposure and TAPs.
+//! forward rules, host exposure and TAPs (`net.taps`, in network/taps.rs).
 //!
 //! Every hint is a command that, run as root in the same network namespace, makes its check
 //! pass. `chvkit setup` converges all of it (and persists it); hints that write nftables rules
@@ -11,7 +11,9 @@ use super::facts::Facts;
 use super::nfeval::{judge_hook, ChainVerdict, Outcome, Packet};
 use super::report::Finding;
 use crate::host::net::{Link, NetSnapshot};
-use crate::host::nft::{Chain, NftError, Operand, Ruleset};
+use crate::host::nft::{
+    Chain, ChainExt, ExprExt, MatchExt, MetaKey, NfChainType, NfFamily, NfHook, NftError, Ruleset,
+};
 use crate::host::sysctl::ipv6_key;
 use crate::profile::{FirewallBackend, Ipv6Net};
 use crate::Context;
@@ -43,6 +45,9 @@ macro_rules! or_finding {
     };
 }
 
+// After the macros: the TAP check's module uses `or_finding!`.
+mod taps;
+
 /// For a check whose facts were not gathered.
 fn not_checked(id: &'static str) -> Finding {
     Finding::skip(id, "not checked", "", "chvkit doctor --only net")
@@ -54,9 +59,9 @@ fn sysctl_w(pairs: &[(String, i64)]) -> String {
 }
 
 fn iptables_managed(c: &Chain) -> bool {
-    c.family == "ip6"
+    c.family == NfFamily::IP6
         && matches!(
-            c.table.as_str(),
+            c.table.as_ref(),
             "filter" | "nat" | "mangle" | "raw" | "security"
         )
         && c.name.chars().all(|ch| ch.is_ascii_uppercase())
@@ -536,7 +541,7 @@ impl<'a> Net<'a> {
             dport: Some(443),
             ct_state: "new",
         };
-        let verdicts = judge_hook(rs, "postrouting", Some("nat"), &pkt);
+        let verdicts = judge_hook(rs, NfHook::Postrouting, Some(NfChainType::NAT), &pkt);
         if let Some(v) = verdicts
             .iter()
             .find(|v| matches!(v.outcome, Outcome::Nat(_)))
@@ -653,8 +658,8 @@ impl<'a> Net<'a> {
             dport: Some(40_000),
             ct_state: "established",
         };
-        let out = judge_hook(rs, "forward", Some("filter"), &out_pkt);
-        let back = judge_hook(rs, "forward", Some("filter"), &back_pkt);
+        let out = judge_hook(rs, NfHook::Forward, Some(NfChainType::Filter), &out_pkt);
+        let back = judge_hook(rs, NfHook::Forward, Some(NfChainType::Filter), &back_pkt);
         let brnf = self.f.sysctl.bridge_nf_call_ip6tables();
         let bridged = (brnf == Some(1)).then(|| {
             let p = Packet {
@@ -666,7 +671,7 @@ impl<'a> Net<'a> {
                 dport: Some(443),
                 ct_state: "new",
             };
-            judge_hook(rs, "forward", Some("filter"), &p)
+            judge_hook(rs, NfHook::Forward, Some(NfChainType::Filter), &p)
         });
         let unsure = uncertain_note(&out) + &uncertain_note(&back);
 
@@ -805,7 +810,7 @@ impl<'a> Net<'a> {
             ct_state: state,
         };
         let passes = |p: &Packet<'_>| -> (bool, Vec<ChainVerdict<'a>>) {
-            let v = judge_hook(rs, "input", Some("filter"), p);
+            let v = judge_hook(rs, NfHook::Input, Some(NfChainType::Filter), p);
             (v.iter().all(|c| c.passes()), v)
         };
 
@@ -917,20 +922,20 @@ impl<'a> Net<'a> {
     /// Ports that rules on the bridge's input path accept (for the detail line).
     fn accepted_ports(&self, rs: &Ruleset) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for chain in rs.ipv6_base_chains("input") {
+        for chain in rs.ipv6_base_chains(NfHook::Input) {
             for reached in rs.walk(chain) {
                 if !reached.rule.accepts() {
                     continue;
                 }
                 let ms = reached.all_matches();
                 let excludes_bridge = ms.iter().any(|m| {
-                    m.is_meta("iifname") && (m.right.matches_ifname(self.br) == m.negated())
+                    m.is_meta(MetaKey::Iifname) && (m.right.matches_ifname(self.br) == m.negated())
                 });
                 if excludes_bridge {
                     continue;
                 }
                 for m in &ms {
-                    if let Operand::Payload { protocol, field } = &m.left {
+                    if let Some((protocol, field)) = m.payload_field() {
                         if field == "dport" && !m.negated() {
                             for (a, b) in rs.resolve(reached.rule, &m.right).ports() {
                                 let p = if a == b {
@@ -1001,108 +1006,6 @@ impl<'a> Net<'a> {
             ));
             s
         }
-    }
-
-    pub fn taps(&self) -> Finding {
-        const ID: &str = "net.taps";
-        let (s, b) = or_finding!(self.bridge_found(ID));
-        let br = self.br;
-        let taps: Vec<&Link> = s
-            .links
-            .iter()
-            .filter(|l| l.name.starts_with("chv-") && l.index != b.index)
-            .collect();
-        let foreign: Vec<&str> = s
-            .ports_of(b.index)
-            .filter(|l| !l.name.starts_with("chv-"))
-            .map(|l| l.name.as_str())
-            .collect();
-        let foreign_note = if foreign.is_empty() {
-            String::new()
-        } else {
-            format!(" Other ports of {br}: {}.", foreign.join(", "))
-        };
-        if taps.is_empty() {
-            return Finding::pass(
-                ID,
-                "no chv-* TAPs",
-                format!("No VM is attached.{foreign_note}"),
-            );
-        }
-        let mut broken = Vec::new();
-        let mut broken_fix = Vec::new();
-        let mut stale = Vec::new();
-        let mut stale_fix = Vec::new();
-        let mut good = Vec::new();
-        for t in &taps {
-            // A TAP's carrier follows its file descriptors (on at attach, off when the last
-            // closes) whatever its admin state; multi-queue TAPs also report attached queues.
-            let attached = match (t.tun.as_ref().and_then(|x| x.num_queues), t.carrier) {
-                (Some(n), _) => n > 0,
-                (None, Some(c)) => c,
-                (None, None) => t.lower_up,
-            };
-            let on_bridge = t.master == Some(b.index);
-            let mut state = Vec::new();
-            if !on_bridge {
-                state.push(match t.master.and_then(|m| s.link_by_index(m)) {
-                    Some(m) => format!("on {} instead of {br}", m.name),
-                    None => format!("not on {br}"),
-                });
-            }
-            if !t.admin_up {
-                state.push("down".to_string());
-            }
-            let isolated = match t.bridge_port.as_ref().and_then(|p| p.isolated) {
-                Some(true) => ", isolated",
-                _ => "",
-            };
-            if !attached {
-                state.push("no process attached (no carrier)".to_string());
-                stale.push(format!("{} ({})", t.name, state.join(", ")));
-                stale_fix.push(format!("ip link del {}", t.name));
-            } else if !state.is_empty() {
-                broken.push(format!("{} ({})", t.name, state.join(", ")));
-                broken_fix.push(format!(
-                    "ip link set {0} master {br} && ip link set {0} up",
-                    t.name
-                ));
-            } else {
-                good.push(format!("{}{isolated}", t.name));
-            }
-        }
-        let good_note = if good.is_empty() {
-            String::new()
-        } else {
-            format!(" In service: {}.", good.join(", "))
-        };
-        if !broken.is_empty() {
-            return Finding::fail(
-                ID,
-                format!("VM TAP(s) not usable: {}", broken.join("; ")),
-                format!(
-                    "A running VM's TAP must be a port of {br} and up, or the guest has no \
-                     network.{good_note}{foreign_note}"
-                ),
-                broken_fix.join(" && "),
-            );
-        }
-        if !stale.is_empty() {
-            return Finding::warn(
-                ID,
-                format!("TAP(s) left behind: {}", stale.join("; ")),
-                format!(
-                    "No process holds these TAPs: a VM that exited or was killed left them. \
-                     `chvkit gc` removes what dead jobs left behind.{good_note}{foreign_note}"
-                ),
-                stale_fix.join(" && "),
-            );
-        }
-        Finding::pass(
-            ID,
-            format!("{} TAP(s) on {br}, up and held by a process", good.len()),
-            format!("{}{foreign_note}", good.join(", ")),
-        )
     }
 }
 

@@ -3,12 +3,17 @@
 //! internet back to guest, guest to host, guest to guest through br_netfilter).
 //!
 //! Matches are judged three-valued: a match on something the probe packet does not model
-//! (source port, marks, an xtables match whose text could not be read) is `Maybe`, which is
-//! treated as "does not match" and reported, so a verdict never rests on a guess silently.
+//! (source port, marks, an xtables match whose text could not be read, a match the
+//! `nftables` crate's schema cannot type) is `Maybe`, which is treated as "does not match" and
+//! reported, so a verdict never rests on a guess silently.
 
 use std::net::Ipv6Addr;
 
-use crate::host::nft::{Chain, Match, Operand, Rule, Ruleset, Stmt, Value};
+use nftables::expr::MetaKey;
+use nftables::stmt::Operator;
+use nftables::types::{NfChainType, NfHook};
+
+use crate::host::nft::{Action, Chain, ChainExt, Match, MatchExt, Members, Rule, Ruleset};
 use crate::profile::prefix_mask;
 
 /// The packet being judged.
@@ -90,13 +95,10 @@ impl ChainVerdict<'_> {
     pub fn describe(&self) -> String {
         let c = self.chain.spec();
         match &self.outcome {
-            Outcome::Accept(r) => format!("{c}: accepted by rule handle {}", r.handle),
-            Outcome::Drop(r) => format!("{c}: dropped by rule handle {}", r.handle),
-            Outcome::Nat(r) => format!("{c}: translated by rule handle {}", r.handle),
-            Outcome::Policy => format!(
-                "{c}: no rule matched, policy {}",
-                self.chain.policy.as_deref().unwrap_or("accept")
-            ),
+            Outcome::Accept(r) => format!("{c}: accepted by rule handle {}", r.handle()),
+            Outcome::Drop(r) => format!("{c}: dropped by rule handle {}", r.handle()),
+            Outcome::Nat(r) => format!("{c}: translated by rule handle {}", r.handle()),
+            Outcome::Policy => format!("{c}: no rule matched, policy {}", self.chain.policy_name()),
         }
     }
 }
@@ -104,15 +106,13 @@ impl ChainVerdict<'_> {
 /// Judge `pkt` in every IPv6 base chain at `hook` (of `chain_type` if given), by priority.
 pub fn judge_hook<'a>(
     rs: &'a Ruleset,
-    hook: &str,
-    chain_type: Option<&str>,
+    hook: NfHook,
+    chain_type: Option<NfChainType>,
     pkt: &Packet<'_>,
 ) -> Vec<ChainVerdict<'a>> {
     let mut chains: Vec<&Chain> = rs
-        .chains
-        .iter()
-        .filter(|c| c.is_ipv6_hook(hook))
-        .filter(|c| chain_type.is_none_or(|t| c.chain_type.as_deref() == Some(t)))
+        .ipv6_base_chains(hook)
+        .filter(|c| chain_type.is_none_or(|t| c._type == Some(t)))
         .collect();
     chains.sort_by_key(|c| c.prio.unwrap_or(0));
     chains
@@ -151,21 +151,15 @@ fn eval_chain<'a>(
             }
             Tri::Yes => {}
         }
-        for s in &rule.stmts {
-            match s {
-                Stmt::Accept => return Some(Outcome::Accept(rule)),
-                Stmt::Drop | Stmt::Reject => return Some(Outcome::Drop(rule)),
-                Stmt::Xt { kind, name, .. } if kind == "target" => match name.as_str() {
-                    "MASQUERADE" | "SNAT" => return Some(Outcome::Nat(rule)),
-                    "REJECT" | "DROP" => return Some(Outcome::Drop(rule)),
-                    "ACCEPT" => return Some(Outcome::Accept(rule)),
-                    _ => {}
-                },
-                Stmt::Masquerade | Stmt::Snat => return Some(Outcome::Nat(rule)),
-                Stmt::Return => return None,
-                Stmt::Jump(t) | Stmt::Goto(t) => {
-                    let goto = matches!(s, Stmt::Goto(_));
-                    if let Some(next) = rs.chain(&chain.family, &chain.table, t) {
+        for a in rule.actions() {
+            match a {
+                Action::Accept => return Some(Outcome::Accept(rule)),
+                Action::Drop => return Some(Outcome::Drop(rule)),
+                Action::Nat => return Some(Outcome::Nat(rule)),
+                Action::Return => return None,
+                Action::Jump(t) | Action::Goto(t) => {
+                    let goto = matches!(a, Action::Goto(_));
+                    if let Some(next) = rs.target(chain, t) {
                         let r = eval_chain(rs, next, pkt, depth + 1, uncertain);
                         if r.is_some() || goto {
                             return r;
@@ -173,14 +167,15 @@ fn eval_chain<'a>(
                     }
                     break;
                 }
-                _ => {}
+                Action::Other => {}
             }
         }
     }
     None
 }
 
-/// AND of the rule's matches (xtables conntrack/state decoded; other xt matches are `Maybe`).
+/// AND of the rule's matches (xtables conntrack/state decoded; other xt matches, and matches
+/// the crate's schema could not type, are `Maybe`).
 pub fn rule_matches(rs: &Ruleset, rule: &Rule, pkt: &Packet<'_>) -> Tri {
     let mut t = Tri::Yes;
     for m in rule.effective_matches() {
@@ -189,42 +184,43 @@ pub fn rule_matches(rs: &Ruleset, rule: &Rule, pkt: &Packet<'_>) -> Tri {
             return t;
         }
     }
-    if rule.opaque_xt().next().is_some() {
+    if rule.opaque_xt().next().is_some() || rule.untyped_matches() > 0 {
         t = t.and(Tri::Maybe);
     }
     t
 }
 
-fn positive(op: &str) -> Option<bool> {
+fn positive(op: Operator) -> Option<bool> {
     match op {
-        "==" | "in" => Some(true),
-        "!=" => Some(false),
+        Operator::EQ | Operator::IN => Some(true),
+        Operator::NEQ => Some(false),
         _ => None,
     }
 }
 
 fn match_tri(rs: &Ruleset, rule: &Rule, m: &Match, pkt: &Packet<'_>) -> Tri {
-    let right = rs.resolve(rule, &m.right);
-    let Some(pos) = positive(&m.op) else {
+    let Some(pos) = positive(m.op) else {
         return Tri::Maybe;
     };
-    let base = match &m.left {
-        Operand::Meta(k) => match k.as_str() {
-            "iifname" | "iif" => ifname_tri(right, pkt.iif),
-            "oifname" | "oif" => ifname_tri(right, pkt.oif),
-            "l4proto" => l4_tri(right, pkt.l4proto),
-            "nfproto" => str_tri(right, "ipv6"),
-            "protocol" => str_tri(right, "ip6"),
+    let right = &rs.resolve(rule, &m.right);
+    let base = if let Some(key) = m.meta_key() {
+        match key {
+            MetaKey::Iifname | MetaKey::Iif => ifname_tri(right, pkt.iif),
+            MetaKey::Oifname | MetaKey::Oif => ifname_tri(right, pkt.oif),
+            MetaKey::L4proto => l4_tri(right, pkt.l4proto),
+            MetaKey::Nfproto => str_tri(right, "ipv6"),
+            MetaKey::Protocol => str_tri(right, "ip6"),
             _ => Tri::Maybe,
-        },
-        Operand::Payload { protocol, field } => match (protocol.as_str(), field.as_str()) {
+        }
+    } else if let Some((protocol, field)) = m.payload_field() {
+        match (protocol, field) {
             ("ip6", "saddr") => prefix_tri(right, pkt.saddr),
             ("ip6", "daddr") => prefix_tri(right, pkt.daddr),
             ("ip6", "nexthdr") => l4_tri(right, pkt.l4proto),
             // IPv4 header fields never match an IPv6 packet (an inet-family rule).
             ("ip", _) => return Tri::No,
             ("tcp" | "udp", "dport") => {
-                if pkt.l4proto != Some(protocol.as_str()) {
+                if pkt.l4proto != Some(protocol) {
                     return Tri::No;
                 }
                 port_tri(right, pkt.dport)
@@ -233,18 +229,18 @@ fn match_tri(rs: &Ruleset, rule: &Rule, m: &Match, pkt: &Packet<'_>) -> Tri {
             ("tcp" | "udp", _) if pkt.l4proto.is_some_and(|p| p != protocol) => return Tri::No,
             ("icmpv6", _) if pkt.l4proto.is_some_and(|p| p != "ipv6-icmp") => return Tri::No,
             _ => Tri::Maybe,
-        },
-        Operand::Ct(k) if k == "state" => {
-            let states = right.strings();
-            if states.is_empty() {
-                Tri::Maybe
-            } else if states.contains(&pkt.ct_state) {
-                Tri::Yes
-            } else {
-                Tri::No
-            }
         }
-        _ => Tri::Maybe,
+    } else if m.ct_key() == Some("state") {
+        let states = right.strings();
+        if states.is_empty() {
+            Tri::Maybe
+        } else if states.contains(&pkt.ct_state) {
+            Tri::Yes
+        } else {
+            Tri::No
+        }
+    } else {
+        Tri::Maybe
     };
     if pos {
         base
@@ -253,7 +249,7 @@ fn match_tri(rs: &Ruleset, rule: &Rule, m: &Match, pkt: &Packet<'_>) -> Tri {
     }
 }
 
-fn ifname_tri(v: &Value, name: Option<&str>) -> Tri {
+fn ifname_tri(v: &Members<'_>, name: Option<&str>) -> Tri {
     match name {
         None => Tri::Maybe,
         Some(n) => {
@@ -268,7 +264,7 @@ fn ifname_tri(v: &Value, name: Option<&str>) -> Tri {
     }
 }
 
-fn str_tri(v: &Value, want: &str) -> Tri {
+fn str_tri(v: &Members<'_>, want: &str) -> Tri {
     let s = v.strings();
     if s.is_empty() {
         Tri::Maybe
@@ -279,33 +275,29 @@ fn str_tri(v: &Value, want: &str) -> Tri {
     }
 }
 
-fn l4_tri(v: &Value, proto: Option<&str>) -> Tri {
+fn l4_tri(v: &Members<'_>, proto: Option<&str>) -> Tri {
     let Some(p) = proto else { return Tri::Maybe };
     let number = match p {
-        "tcp" => 6,
-        "udp" => 17,
-        "ipv6-icmp" => 58,
-        _ => -1,
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "ipv6-icmp" => Some(58),
+        _ => None,
     };
-    let hit = v.members().iter().any(|m| match m {
-        Value::Str(s) => s == p || (p == "ipv6-icmp" && s == "icmpv6"),
-        Value::Num(n) => *n == number,
-        _ => false,
-    });
+    let hit = v
+        .strings()
+        .into_iter()
+        .any(|s| s == p || (p == "ipv6-icmp" && s == "icmpv6"))
+        || v.numbers().into_iter().any(|n| Some(n) == number);
     if hit {
         Tri::Yes
-    } else if v
-        .members()
-        .iter()
-        .all(|m| matches!(m, Value::Str(_) | Value::Num(_)))
-    {
+    } else if v.all_immediate() {
         Tri::No
     } else {
         Tri::Maybe
     }
 }
 
-fn port_tri(v: &Value, port: Option<u16>) -> Tri {
+fn port_tri(v: &Members<'_>, port: Option<u16>) -> Tri {
     let Some(p) = port else { return Tri::Maybe };
     let ranges = v.ports();
     if ranges.is_empty() {
@@ -325,21 +317,18 @@ pub fn prefix_within(a: (Ipv6Addr, u8), b: (Ipv6Addr, u8)) -> bool {
 
 /// The packet's address range against the rule's prefixes. A rule prefix narrower than the
 /// packet's range (a sub-prefix of the guest prefix) counts as matching: some guests match.
-fn prefix_tri(v: &Value, addr: Option<(Ipv6Addr, u8)>) -> Tri {
+fn prefix_tri(v: &Members<'_>, addr: Option<(Ipv6Addr, u8)>) -> Tri {
     let Some(a) = addr else { return Tri::Maybe };
-    let mut any_known = false;
-    for m in v.members() {
-        if let Some(p) = m.as_ipv6_prefix() {
-            any_known = true;
-            if prefix_within(a, p) || prefix_within(p, a) {
-                return Tri::Yes;
-            }
-        }
-    }
-    if any_known {
-        Tri::No
-    } else {
+    let known = v.ipv6_prefixes();
+    if known.is_empty() {
         Tri::Maybe
+    } else if known
+        .into_iter()
+        .any(|p| prefix_within(a, p) || prefix_within(p, a))
+    {
+        Tri::Yes
+    } else {
+        Tri::No
     }
 }
 
@@ -373,20 +362,20 @@ mod tests {
             ct_state: "new",
             ..Default::default()
         };
-        let v = judge_hook(&r, "input", Some("filter"), &p);
+        let v = judge_hook(&r, NfHook::Input, Some(NfChainType::Filter), &p);
         assert_eq!(v.len(), 1);
         assert!(!v[0].passes());
-        assert_eq!(v[0].explicit().map(|r| r.handle), Some(9));
+        assert_eq!(v[0].explicit().map(Rule::handle), Some(9));
         p.dport = Some(8080);
-        assert!(judge_hook(&r, "input", None, &p)[0].passes());
+        assert!(judge_hook(&r, NfHook::Input, None, &p)[0].passes());
         p.iif = Some("eth0");
         p.dport = Some(22);
-        let v = judge_hook(&r, "input", None, &p);
+        let v = judge_hook(&r, NfHook::Input, None, &p);
         assert!(v[0].passes() && v[0].explicit().is_none());
         p.iif = Some("chvbr0");
         p.l4proto = Some("ipv6-icmp");
         p.dport = None;
-        assert!(judge_hook(&r, "input", None, &p)[0].passes());
+        assert!(judge_hook(&r, NfHook::Input, None, &p)[0].passes());
     }
 
     #[test]
@@ -403,18 +392,18 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome,
+            judge_hook(&r, NfHook::Postrouting, Some(NfChainType::NAT), &p)[0].outcome,
             Outcome::Nat(_)
         ));
         p.oif = Some("chvbr0");
         assert_eq!(
-            judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome,
+            judge_hook(&r, NfHook::Postrouting, Some(NfChainType::NAT), &p)[0].outcome,
             Outcome::Policy
         );
         p.oif = Some("eth0");
         p.saddr = Some(("fd00::".parse().unwrap(), 16));
         assert_eq!(
-            judge_hook(&r, "postrouting", Some("nat"), &p)[0].outcome,
+            judge_hook(&r, NfHook::Postrouting, Some(NfChainType::NAT), &p)[0].outcome,
             Outcome::Policy
         );
     }
@@ -433,9 +422,34 @@ mod tests {
             l4proto: Some("tcp"),
             ..Default::default()
         };
-        let v = judge_hook(&r, "forward", Some("filter"), &p);
+        let v = judge_hook(&r, NfHook::Forward, Some(NfChainType::Filter), &p);
         assert!(!v[0].passes());
         assert_eq!(v[0].uncertain.len(), 1);
+    }
+
+    /// What the crate's schema cannot type keeps its meaning: a masquerade with one flag
+    /// (`"flags":"random"`) still translates; a `meta sdif` match makes its rule uncertain.
+    #[test]
+    fn untyped_statements_keep_their_meaning() {
+        let j = r#"{"nftables":[
+ {"chain":{"family":"inet","table":"t","name":"pr","type":"nat","hook":"postrouting","prio":100,"policy":"accept"}},
+ {"rule":{"family":"inet","table":"t","chain":"pr","handle":3,"expr":[{"match":{"op":"!=","left":{"meta":{"key":"oifname"}},"right":"chvbr0"}},{"masquerade":{"flags":"random"}}]}},
+ {"chain":{"family":"inet","table":"t","name":"fw","type":"filter","hook":"forward","prio":0,"policy":"drop"}},
+ {"rule":{"family":"inet","table":"t","chain":"fw","handle":9,"expr":[{"match":{"op":"==","left":{"meta":{"key":"sdif"}},"right":"vrf0"}},{"accept":null}]}}
+]}"#;
+        let r = rs(j);
+        let p = Packet {
+            iif: Some("chvbr0"),
+            oif: Some("eth0"),
+            ct_state: "new",
+            ..Default::default()
+        };
+        let nat = judge_hook(&r, NfHook::Postrouting, Some(NfChainType::NAT), &p);
+        assert_eq!(nat[0].explicit().map(Rule::handle), Some(3));
+        assert!(matches!(nat[0].outcome, Outcome::Nat(_)));
+        let fwd = judge_hook(&r, NfHook::Forward, None, &p);
+        assert!(!fwd[0].passes());
+        assert_eq!(fwd[0].uncertain.len(), 1);
     }
 
     #[test]

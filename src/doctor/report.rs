@@ -1,6 +1,8 @@
-//! Findings and how they are printed: aligned human text or the versioned JSON document.
+//! Findings and how they are printed: aligned human text, the versioned JSON document, or the
+//! Prometheus text exposition format (`docs/metrics.md` describes the metrics).
 
 use std::io::Write;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -20,12 +22,37 @@ pub enum Level {
 }
 
 impl Level {
+    /// Every level, in severity order.
+    pub const ALL: [Level; 4] = [Level::Pass, Level::Skip, Level::Warn, Level::Fail];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Pass => "PASS",
             Level::Warn => "WARN",
             Level::Fail => "FAIL",
             Level::Skip => "SKIP",
+        }
+    }
+
+    /// The value of `chvkit_check`: the levels in order of severity, so that `max()` over
+    /// checks is the worst one and `>= 2` means "WARN or worse". Documented in docs/metrics.md;
+    /// never renumber.
+    pub fn severity(self) -> u8 {
+        match self {
+            Level::Pass => 0,
+            Level::Skip => 1,
+            Level::Warn => 2,
+            Level::Fail => 3,
+        }
+    }
+
+    /// The `level` label value: lower case, as Prometheus label values usually are.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Level::Pass => "pass",
+            Level::Skip => "skip",
+            Level::Warn => "warn",
+            Level::Fail => "fail",
         }
     }
 
@@ -110,6 +137,29 @@ pub struct Counts {
     pub warn: usize,
     pub fail: usize,
     pub skip: usize,
+}
+
+impl Counts {
+    pub fn of(&self, level: Level) -> usize {
+        match level {
+            Level::Pass => self.pass,
+            Level::Warn => self.warn,
+            Level::Fail => self.fail,
+            Level::Skip => self.skip,
+        }
+    }
+}
+
+/// What the Prometheus exposition says about the run itself, beyond the findings (kept out of
+/// [`Report`] so that the JSON document stays as it is).
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    /// chvkit's version.
+    pub version: &'static str,
+    /// How long reading the facts and judging them took (not process start-up).
+    pub duration: Duration,
+    /// When the run finished.
+    pub finished: SystemTime,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -221,6 +271,115 @@ impl Report {
         }
         Ok(())
     }
+
+    /// The Prometheus text exposition format (version 0.0.4), as node_exporter's textfile
+    /// collector reads it: no sample timestamps (the collector refuses them), the run's time as
+    /// a metric of its own. Metric names, labels and the level encoding are an interface:
+    /// docs/metrics.md documents them, and dashboards and alerts depend on them.
+    pub fn write_prometheus(&self, out: &mut impl Write, run: &RunInfo) -> std::io::Result<()> {
+        let mut info = vec![("version", run.version), ("profile", self.profile.as_str())];
+        if let Some(root) = &self.root {
+            info.push(("root", root.as_str()));
+        }
+        family(
+            out,
+            "chvkit_info",
+            "chvkit's version and the profile (and --root) doctor checked against; always 1.",
+            &[(info, "1".to_string())],
+        )?;
+        let checks: Vec<(Vec<(&str, &str)>, String)> = self
+            .checks
+            .iter()
+            .map(|c| {
+                (
+                    vec![("id", c.id), ("level", c.level.metric_label())],
+                    c.level.severity().to_string(),
+                )
+            })
+            .collect();
+        family(
+            out,
+            "chvkit_check",
+            "One series per doctor check, labelled with its level; the value encodes the level: \
+             0 pass, 1 skip, 2 warn, 3 fail.",
+            &checks,
+        )?;
+        let counts: Vec<(Vec<(&str, &str)>, String)> = Level::ALL
+            .iter()
+            .map(|l| {
+                (
+                    vec![("level", l.metric_label())],
+                    self.summary.of(*l).to_string(),
+                )
+            })
+            .collect();
+        family(
+            out,
+            "chvkit_doctor_checks",
+            "Number of doctor checks at each level (every level present, 0 included).",
+            &counts,
+        )?;
+        family(
+            out,
+            "chvkit_doctor_duration_seconds",
+            "Time doctor took to read the host facts and judge them.",
+            &[(vec![], format!("{:.6}", run.duration.as_secs_f64()))],
+        )?;
+        let finished = run
+            .finished
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        family(
+            out,
+            "chvkit_doctor_last_run_timestamp_seconds",
+            "Unix time at which this doctor run finished.",
+            &[(vec![], format!("{:.3}", finished.as_secs_f64()))],
+        )
+    }
+}
+
+/// One metric family of the exposition: its `# HELP` and `# TYPE` lines, then its samples.
+/// Every family chvkit writes is a gauge: each value describes this run, none accumulates.
+fn family(
+    out: &mut impl Write,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, &str)>, String)],
+) -> std::io::Result<()> {
+    writeln!(out, "# HELP {name} {}", escape_help(help))?;
+    writeln!(out, "# TYPE {name} gauge")?;
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            writeln!(out, "{name} {value}")?;
+        } else {
+            let pairs: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape_label_value(v)))
+                .collect();
+            writeln!(out, "{name}{{{}}} {value}", pairs.join(","))?;
+        }
+    }
+    Ok(())
+}
+
+/// A label value as the text exposition format wants it: backslash, double quote and line
+/// feed escaped (`\\`, `\"`, `\n`); everything else, any UTF-8, as it is.
+pub fn escape_label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// `# HELP` text: backslash and line feed escaped (a double quote is literal there).
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 /// Width the human output's detail text is wrapped to (hints are never wrapped: they are
@@ -294,6 +453,72 @@ mod tests {
         assert_eq!(j["checks"][1]["level"], "FAIL");
         assert_eq!(j["checks"][0]["hint"], serde_json::Value::Null);
         assert_eq!(j["summary"]["warn"], 1);
+    }
+
+    #[test]
+    fn prometheus_exposition() {
+        let mut r = report();
+        // A profile path may hold any byte a file name can: quotes, backslashes, line feeds.
+        r.profile = "/p/a\"b\\c\nd.yaml".into();
+        r.root = Some("/r".into());
+        let run = RunInfo {
+            version: "1.2.3",
+            duration: Duration::from_millis(250),
+            finished: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500),
+        };
+        let mut v = Vec::new();
+        r.write_prometheus(&mut v, &run).unwrap();
+        let t = String::from_utf8(v).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        for want in [
+            r#"chvkit_info{version="1.2.3",profile="/p/a\"b\\c\nd.yaml",root="/r"} 1"#,
+            r#"chvkit_check{id="kvm.device",level="pass"} 0"#,
+            r#"chvkit_check{id="net.bridge",level="fail"} 3"#,
+            r#"chvkit_check{id="cpu.virtualization",level="warn"} 2"#,
+            r#"chvkit_doctor_checks{level="pass"} 1"#,
+            r#"chvkit_doctor_checks{level="skip"} 0"#,
+            r#"chvkit_doctor_checks{level="warn"} 1"#,
+            r#"chvkit_doctor_checks{level="fail"} 1"#,
+            "chvkit_doctor_duration_seconds 0.250000",
+            "chvkit_doctor_last_run_timestamp_seconds 1700000000.500",
+        ] {
+            assert!(lines.contains(&want), "missing `{want}` in\n{t}");
+        }
+        // One HELP and one TYPE per family, right before its samples; every family a gauge.
+        let families = [
+            "chvkit_info",
+            "chvkit_check",
+            "chvkit_doctor_checks",
+            "chvkit_doctor_duration_seconds",
+            "chvkit_doctor_last_run_timestamp_seconds",
+        ];
+        for f in families {
+            let help = format!("# HELP {f} ");
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with(&help))
+                .unwrap_or_else(|| panic!("no HELP for {f}:\n{t}"));
+            assert_eq!(lines.iter().filter(|l| l.starts_with(&help)).count(), 1);
+            assert_eq!(lines[at + 1], format!("# TYPE {f} gauge"));
+        }
+        // Three checks: one series each, no more.
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("chvkit_check{"))
+                .count(),
+            3
+        );
+        assert!(t.ends_with('\n') && !t.contains("\n\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label_value("plain/ü"), "plain/ü");
+        assert_eq!(escape_label_value("a\\b"), "a\\\\b");
+        assert_eq!(escape_label_value("say \"hi\""), "say \\\"hi\\\"");
+        assert_eq!(escape_label_value("1\n2"), "1\\n2");
+        assert_eq!(escape_help("x\\y\nz \"q\""), "x\\\\y\\nz \"q\"");
     }
 
     #[test]

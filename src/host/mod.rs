@@ -4,7 +4,8 @@
 //! - [`net`]: links (kind, state, master, bridge-port and TUN details), IPv6 addresses with
 //!   their DAD flags, and IPv6 routes, from rtnetlink dumps (no privilege needed).
 //! - [`sysctl`]: `net.ipv6.conf.*` and `bridge-nf-call-ip6tables` from `/proc/sys`.
-//! - [`nft`]: the nftables ruleset (iptables-nft rules included) via libnftables, as typed JSON.
+//! - [`nft`]: the nftables ruleset (iptables-nft rules included) via libnftables, typed with the
+//!   `nftables` crate.
 //!   Its command runner, [`nft::Nft`], is shared with `setup`, which loads its table through it.
 //! - [`kvm`]: `/dev/kvm` mode, access and a real `KVM_CREATE_VM`.
 //! - [`cpu`]: vmx/svm, hypervisor, nested and PVM.

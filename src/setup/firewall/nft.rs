@@ -1,16 +1,35 @@
 //! nftables driver: one table of chvkit's own, replaced in a single transaction.
 //!
-//! Commands go through [`crate::host::nft::Nft`]: libnftables in-process (loaded with
+//! The transaction is built from the `nftables` crate's typed schema ([`transaction`]) and
+//! loaded through [`crate::host::nft::Nft`]: libnftables in-process (loaded with
 //! `libloading`, so chvkit builds and runs where it is missing), else `nft -f -`.
-//! `CHVKIT_LIBNFTABLES` and `CHVKIT_NFT` name other locations of either.
+//! `CHVKIT_LIBNFTABLES` and `CHVKIT_NFT` name other locations of either. The same table is
+//! also kept as nft syntax ([`script`]): the file setup persists, which `nft -f` loads.
+
+use std::borrow::Cow;
+
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
+};
+use nftables::schema::{self, NfCmd, NfListObject, NfObject, Nftables};
+use nftables::stmt::{Counter, JumpTarget, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{sha256_hex, Firewall, FirewallError, Inspection, Rules};
-use crate::host::nft::{Nft, NftError, OUTPUT_STATELESS};
+use crate::host::nft::{Nft, NftError, Source, OUTPUT_STATELESS};
 use crate::setup::state::FirewallRecord;
 
 /// `inet`, not `ip6`: the host-protection chain then also drops IPv4 a guest might send to the
 /// host's other addresses. NAT and forwarding match IPv6 only.
 pub const FAMILY: &str = "inet";
+const NF_FAMILY: NfFamily = NfFamily::INet;
+
+/// nft's named base-chain priorities for the inet family: `srcnat` and `filter`.
+const PRIO_SRCNAT: i32 = 100;
+const PRIO_FILTER: i32 = 0;
+
+/// The chain that guards the host itself.
+const GUEST_TO_HOST: &str = "guest_to_host";
 
 /// Opens the nftables runner on first use, so that building a driver changes nothing.
 #[derive(Default)]
@@ -18,12 +37,22 @@ pub struct NftDriver {
     nft: Option<Nft>,
 }
 
+fn command_error(what: &str, e: NftError) -> FirewallError {
+    FirewallError::Command {
+        what: what.to_string(),
+        message: match e {
+            NftError::Command { message, .. } => message,
+            other => other.to_string(),
+        },
+    }
+}
+
 impl NftDriver {
     pub fn new() -> NftDriver {
         NftDriver::default()
     }
 
-    fn cmd(&mut self, what: &str, cmd: &str, flags: u32) -> Result<String, FirewallError> {
+    fn nft(&mut self) -> Result<&Nft, FirewallError> {
         let nft = match self.nft.take() {
             Some(nft) => nft,
             None => Nft::open().map_err(|e| match e {
@@ -34,16 +63,27 @@ impl NftDriver {
                 other => FirewallError::Unavailable(other.to_string()),
             })?,
         };
-        self.nft
-            .insert(nft)
+        Ok(self.nft.insert(nft))
+    }
+
+    fn cmd(&mut self, what: &str, cmd: &str, flags: u32) -> Result<String, FirewallError> {
+        self.nft()?
             .run(cmd, flags)
-            .map_err(|e| FirewallError::Command {
-                what: what.to_string(),
-                message: match e {
-                    NftError::Command { message, .. } => message,
-                    other => other.to_string(),
-                },
-            })
+            .map_err(|e| command_error(what, e))
+    }
+
+    /// Load the table in one transaction: through libnftables as the crate-typed JSON
+    /// [`transaction`]; through the `nft` fallback as `text`, the persisted [`script`] of the
+    /// same ruleset (tests/nft_types.rs loads both and compares the kernel's listings), so
+    /// that the fallback runs exactly what `nft -f` on the persisted file runs.
+    fn load(&mut self, rules: &Rules, text: &str) -> Result<(), FirewallError> {
+        let what = format!("loading nftables table {FAMILY} {}", rules.table);
+        let nft = self.nft()?;
+        let loaded = match nft.source() {
+            Source::Library => nft.run_json(&transaction(rules)),
+            Source::NftCommand => nft.run(text, 0),
+        };
+        loaded.map(|_| ()).map_err(|e| command_error(&what, e))
     }
 
     fn table_exists(&mut self, family: &str, table: &str) -> Result<bool, FirewallError> {
@@ -58,6 +98,174 @@ impl NftDriver {
             &format!("list table {family} {table}"),
             OUTPUT_STATELESS,
         )
+    }
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn string(s: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(s.to_string()))
+}
+
+fn is(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+/// `ct state { states }`: a flag list, which nft lists with `in`.
+fn ct_state_in(states: &[&'static str]) -> Statement<'static> {
+    let ct = Expression::Named(NamedExpression::CT(CT {
+        key: "state".into(),
+        family: None,
+        dir: None,
+    }));
+    let list = states.iter().map(|s| Expression::String((*s).into()));
+    is(ct, Operator::IN, Expression::List(list.collect()))
+}
+
+const ACCEPT: Statement<'static> = Statement::Accept(None);
+
+/// The table as one libnftables JSON transaction of the crate's types, the same ruleset as
+/// [`script`]: create the table if missing (so that the delete cannot fail), delete it, add
+/// it back complete. Chains come before rules, as nft expands a table block, so that the
+/// kernel assigns the same handles either way.
+pub fn transaction(r: &Rules) -> Nftables<'static> {
+    let table = || {
+        NfListObject::Table(schema::Table {
+            family: NF_FAMILY,
+            name: r.table.clone().into(),
+            handle: None,
+        })
+    };
+    let chain = |name: &'static str, base: Option<(NfChainType, NfHook, i32)>| {
+        let mut c = schema::Chain {
+            family: NF_FAMILY,
+            table: r.table.clone().into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        if let Some((t, hook, prio)) = base {
+            c._type = Some(t);
+            c.hook = Some(hook);
+            c.prio = Some(prio);
+            c.policy = Some(NfChainPolicy::Accept);
+        }
+        NfListObject::Chain(c)
+    };
+    let rule = |in_chain: &'static str, expr: Vec<Statement<'static>>| {
+        NfListObject::Rule(schema::Rule {
+            family: NF_FAMILY,
+            table: r.table.clone().into(),
+            chain: in_chain.into(),
+            expr: expr.into(),
+            ..Default::default()
+        })
+    };
+    let br = || string(&r.bridge);
+
+    let mut chains = Vec::new();
+    let mut rules = Vec::new();
+    if r.nat {
+        chains.push(chain(
+            "postrouting",
+            Some((NfChainType::NAT, NfHook::Postrouting, PRIO_SRCNAT)),
+        ));
+        let guests = Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(string(&r.prefix.addr.to_string())),
+            len: u32::from(r.prefix.len),
+        }));
+        rules.push(rule(
+            "postrouting",
+            vec![
+                is(payload("ip6", "saddr"), Operator::EQ, guests),
+                is(meta(MetaKey::Oifname), Operator::NEQ, br()),
+                Statement::Masquerade(None),
+            ],
+        ));
+    }
+    chains.push(chain(
+        "forward",
+        Some((NfChainType::Filter, NfHook::Forward, PRIO_FILTER)),
+    ));
+    rules.push(rule(
+        "forward",
+        vec![is(meta(MetaKey::Iifname), Operator::EQ, br()), ACCEPT],
+    ));
+    rules.push(rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Oifname), Operator::EQ, br()),
+            ct_state_in(&["related", "established"]),
+            ACCEPT,
+        ],
+    ));
+    chains.push(chain(
+        "input",
+        Some((NfChainType::Filter, NfHook::Input, PRIO_FILTER)),
+    ));
+    rules.push(rule(
+        "input",
+        vec![
+            is(meta(MetaKey::Iifname), Operator::EQ, br()),
+            Statement::Jump(JumpTarget {
+                target: GUEST_TO_HOST.into(),
+            }),
+        ],
+    ));
+    chains.push(chain(GUEST_TO_HOST, None));
+    rules.push(rule(
+        GUEST_TO_HOST,
+        vec![ct_state_in(&["established", "related"]), ACCEPT],
+    ));
+    rules.push(rule(
+        GUEST_TO_HOST,
+        vec![
+            is(meta(MetaKey::L4proto), Operator::EQ, string("ipv6-icmp")),
+            ACCEPT,
+        ],
+    ));
+    if !r.host_ports.is_empty() {
+        let ports = || {
+            let items = r
+                .host_ports
+                .iter()
+                .map(|p| SetItem::Element(Expression::Number(u32::from(*p))));
+            Expression::Named(NamedExpression::Set(items.collect()))
+        };
+        for proto in ["tcp", "udp"] {
+            rules.push(rule(
+                GUEST_TO_HOST,
+                vec![is(payload(proto, "dport"), Operator::EQ, ports()), ACCEPT],
+            ));
+        }
+    }
+    rules.push(rule(
+        GUEST_TO_HOST,
+        vec![
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(None),
+        ],
+    ));
+
+    let add = |o| NfObject::CmdObject(NfCmd::Add(o));
+    let mut objects = vec![
+        add(table()),
+        NfObject::CmdObject(NfCmd::Delete(table())),
+        add(table()),
+    ];
+    objects.extend(chains.into_iter().chain(rules).map(add));
+    Nftables {
+        objects: objects.into(),
     }
 }
 
@@ -182,11 +390,7 @@ impl Firewall for NftDriver {
 
     fn apply(&mut self, rules: &Rules) -> Result<FirewallRecord, FirewallError> {
         let text = script(rules);
-        self.cmd(
-            &format!("loading nftables table {FAMILY} {}", rules.table),
-            &text,
-            0,
-        )?;
+        self.load(rules, &text)?;
         let listing = self.listing(FAMILY, &rules.table)?;
         Ok(FirewallRecord::Nftables {
             family: FAMILY.to_string(),
@@ -263,5 +467,37 @@ mod tests {
         assert!(!s.contains("masquerade"));
         assert!(!s.contains("dport"));
         assert!(s.contains("counter drop"));
+    }
+
+    /// The transaction as JSON: the document that was checked to land in the
+    /// kernel exactly as the script does (same `nft -j list ruleset`, same netlink bytecode;
+    /// tests/nft_types.rs repeats the check through `chvkit setup`).
+    const TRANSACTION: &str = r#"{"nftables":[
+ {"add":{"table":{"family":"inet","name":"chvkit"}}},
+ {"delete":{"table":{"family":"inet","name":"chvkit"}}},
+ {"add":{"table":{"family":"inet","name":"chvkit"}}},
+ {"add":{"chain":{"family":"inet","table":"chvkit","name":"postrouting","type":"nat","hook":"postrouting","prio":100,"policy":"accept"}}},
+ {"add":{"chain":{"family":"inet","table":"chvkit","name":"forward","type":"filter","hook":"forward","prio":0,"policy":"accept"}}},
+ {"add":{"chain":{"family":"inet","table":"chvkit","name":"input","type":"filter","hook":"input","prio":0,"policy":"accept"}}},
+ {"add":{"chain":{"family":"inet","table":"chvkit","name":"guest_to_host"}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"postrouting","expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip6","field":"saddr"}},"right":{"prefix":{"addr":"fdcd::","len":16}}}},{"match":{"op":"!=","left":{"meta":{"key":"oifname"}},"right":"chvbr0"}},{"masquerade":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"forward","expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"chvbr0"}},{"accept":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"forward","expr":[{"match":{"op":"==","left":{"meta":{"key":"oifname"}},"right":"chvbr0"}},{"match":{"op":"in","left":{"ct":{"key":"state"}},"right":["related","established"]}},{"accept":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"input","expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"chvbr0"}},{"jump":{"target":"guest_to_host"}}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"guest_to_host","expr":[{"match":{"op":"in","left":{"ct":{"key":"state"}},"right":["established","related"]}},{"accept":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"guest_to_host","expr":[{"match":{"op":"==","left":{"meta":{"key":"l4proto"}},"right":"ipv6-icmp"}},{"accept":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"guest_to_host","expr":[{"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":{"set":[8080,9000]}}},{"accept":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"guest_to_host","expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":{"set":[8080,9000]}}},{"accept":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"chvkit","chain":"guest_to_host","expr":[{"counter":null},{"drop":null}]}}}
+]}"#;
+
+    #[test]
+    fn transaction_is_the_scripts_ruleset_as_typed_json() {
+        let got = serde_json::to_value(transaction(&rules(true, vec![8080, 9000]))).unwrap();
+        let want: serde_json::Value = serde_json::from_str(TRANSACTION).unwrap();
+        assert_eq!(got, want);
+        let bare = serde_json::to_string(&transaction(&rules(false, vec![]))).unwrap();
+        assert!(!bare.contains("masquerade") && !bare.contains("dport"));
+        assert!(bare.contains(r#"{"counter":null},{"drop":null}"#));
     }
 }
