@@ -61,6 +61,13 @@ want man man-db
 want groff groff-base
 want zsh zsh
 want fish fish
+# `rootfs --bootable`: the disk is checked with sgdisk, fsck.vfat and mtools, and booted by OVMF
+# through systemd-boot under QEMU.
+want sgdisk gdisk
+want fsck.vfat dosfstools
+want mdir mtools
+want /usr/share/ovmf/OVMF.fd ovmf
+want /usr/lib/systemd/boot/efi/systemd-bootx64.efi systemd-boot-efi
 # The QEMU guest harness boots Debian's cloud kernel.
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
 

@@ -309,6 +309,16 @@ pub fn chv_checksum(ctx: &Context, f: &Facts) -> Finding {
     checksum(&subject, a, f)
 }
 
+/// Mode of the installed firmware: `chvkit setup` installs it with this mode (and converges
+/// it there) and doctor's fix commands name it, so the two never disagree. 0755 like every
+/// artifact setup installs: setup's plan checks and repairs one mode for all of them.
+pub const FIRMWARE_MODE: u32 = 0o755;
+
+/// The firmware's mode as `chmod` takes it.
+fn firmware_mode() -> String {
+    format!("{FIRMWARE_MODE:04o}")
+}
+
 pub fn firmware_file(ctx: &Context, f: &Facts) -> Finding {
     const ID: &str = "firmware.file";
     let fw = &ctx.profile.firmware;
@@ -325,19 +335,28 @@ pub fn firmware_file(ctx: &Context, f: &Facts) -> Finding {
                  Hypervisor. `chvkit setup` installs and verifies it.",
                 fw.version
             ),
-            download(&a.path, &fw.url.0, "0644"),
+            download(&a.path, &fw.url.0, &firmware_mode()),
         );
     }
+    let mode = firmware_mode();
     let subject = Subject {
         id: ID,
         what: "firmware",
         pin: fw.sha256.as_ref().map(|s| s.0.as_str()),
         key: lockfile::FIRMWARE,
         url: &fw.url.0,
-        mode: "0644",
+        mode: &mode,
     };
     checksum(&subject, a, f)
 }
+
+/// The two ways a guest boots, said once for both findings.
+const BOOT_MODES: &str = "Two boot modes: direct kernel boot (launch --kernel, or the installed \
+     guest kernel) boots the raw ext4 images `chvkit rootfs` builds, with the host's kernel; \
+     firmware boot (launch --firmware, the seed's firmware_path) boots a GPT disk whose EFI \
+     System Partition carries the kernel (a Boot Loader Specification entry or \
+     \\EFI\\BOOT\\BOOTX64.EFI): `chvkit rootfs --bootable --kernel FILE` writes one, so the \
+     kernel travels inside the image. rust-hypervisor-firmware holds no kernel of its own.";
 
 pub fn firmware_boot_mode(ctx: &Context, f: &Facts) -> Finding {
     const ID: &str = "firmware.boot_mode";
@@ -365,8 +384,9 @@ pub fn firmware_boot_mode(ctx: &Context, f: &Facts) -> Finding {
             ID,
             "direct kernel boot configured: raw ext4 root filesystems boot",
             format!(
-                "Guest kernel {path} ({src}; kernel.guest judges it). Firmware boot stays \
-                 available for disks that carry an EFI System Partition."
+                "Guest kernel {path} ({src}; kernel.guest judges it). Firmware boot is there for \
+                 disks that carry an EFI System Partition with their own kernel \
+                 (`chvkit rootfs --bootable`). {BOOT_MODES}"
             ),
         ),
         (None, Some(None)) => {
@@ -375,16 +395,17 @@ pub fn firmware_boot_mode(ctx: &Context, f: &Facts) -> Finding {
                 ID,
                 "no guest kernel configured: raw ext4 root filesystems cannot boot",
                 format!(
-                    "rust-hypervisor-firmware holds no kernel: it boots only disks with a GPT EFI \
-                     System Partition (a BLS entry or \\EFI\\BOOT\\BOOTX64.EFI) and stops with \
-                     \"Unable to boot from any virtio-blk device\" otherwise. The raw ext4 images \
-                     `chvkit rootfs` builds need direct kernel boot: {}",
+                    "Without a guest kernel only firmware boot is left, and it boots only disks \
+                     with a GPT EFI System Partition; a raw ext4 image stops it with \"Unable to \
+                     boot from any virtio-blk device\". Either give direct kernel boot a \
+                     kernel: {}; or build firmware-bootable images with `chvkit rootfs \
+                     --bootable --kernel FILE`. {BOOT_MODES}",
                     if installable {
                         "`chvkit kernel` installs the guest kernel the profile's kernel.source \
-                         names (or set CHV_KERNEL_PATH)."
+                         names (or set CHV_KERNEL_PATH)"
                     } else {
                         "the profile's kernel.source is `none`, so name one with CHV_KERNEL_PATH \
-                         or `chvkit launch --kernel`."
+                         or `chvkit launch --kernel`"
                     }
                 ),
                 if installable {
@@ -1305,5 +1326,12 @@ mod tests {
         let f = guest_verdict(&guest(KernelSource::Build, k), &HW);
         assert_eq!(f.level, Level::Skip);
         assert!(f.detail.contains("kernel.file"));
+    }
+
+    #[test]
+    fn firmware_mode_and_boot_modes_text() {
+        assert_eq!(firmware_mode(), "0755");
+        assert!(BOOT_MODES.contains("chvkit rootfs --bootable"));
+        assert!(BOOT_MODES.contains("\\EFI\\BOOT\\BOOTX64.EFI"));
     }
 }

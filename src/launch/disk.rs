@@ -209,16 +209,36 @@ pub fn prepare(
 }
 
 /// The patches that put `env` into the image's env slot, read through `read`; `None` when the
-/// image has no slot or `env` does not fit it (the env disk carries it then).
+/// image has no slot or `env` does not fit it (the env disk carries it then). The slot is looked
+/// for in a bare ext4 image, else in the root partition of a GPT disk (`rootfs --bootable`),
+/// whose offsets the patches then carry.
 fn slot_patches(
     read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
     env: &[u8],
 ) -> io::Result<Option<Vec<envslot::Patch>>> {
-    let Some(slot) = envslot::locate(read)? else {
-        tracing::debug!("the image has no env slot: the environment goes on an env disk");
-        return Ok(None);
+    let (slot, base) = match envslot::locate(read)? {
+        Some(slot) => (slot, 0),
+        None => {
+            let found = match crate::rootfs::bootable::root_partition_offset(read) {
+                Some(off) => envslot::locate(&mut |b: &mut [u8], o: u64| read(b, off + o))?
+                    .map(|slot| (slot, off)),
+                None => None,
+            };
+            let Some(found) = found else {
+                tracing::debug!("the image has no env slot: the environment goes on an env disk");
+                return Ok(None);
+            };
+            found
+        }
     };
-    let patches = slot.fill(env);
+    let patches = slot.fill(env).map(|ps| {
+        ps.into_iter()
+            .map(|p| envslot::Patch {
+                offset: p.offset + base,
+                bytes: p.bytes,
+            })
+            .collect()
+    });
     if patches.is_none() {
         tracing::info!(
             bytes = env.len(),
@@ -424,75 +444,103 @@ pub fn ensure_base(rootfs: &Path, md: &fs::Metadata, bases: &Path) -> Result<Pat
     Ok(base)
 }
 
-/// Refuse firmware boot of a disk without a GPT and an EFI System Partition (facts §1).
+/// Refuse firmware boot of a disk a firmware cannot boot (facts §1): it needs a GPT, an EFI
+/// System Partition, and on it a Boot Loader Specification entry whose kernel exists (what
+/// rust-hypervisor-firmware boots; `chvkit rootfs --bootable` writes one) or
+/// `\EFI\BOOT\BOOTX64.EFI` (its fallback, and what UEFI firmware runs; distribution cloud
+/// images have it). The ESP is read the way the firmware reads it
+/// (`crate::rootfs::bootable::probe`), through qcow2 as well.
 pub fn check_firmware_bootable(rootfs: &Path) -> Result<(), DiskError> {
+    use crate::rootfs::bootable::{probe, ProbeError};
     let mut lba1 = [0u8; 512];
     let mut lba1_4k = [0u8; 512];
     let rootfs_err = |source| DiskError::Rootfs {
         path: rootfs.to_path_buf(),
         source,
     };
-    type ReadAt<'r> = Box<dyn Fn(&mut [u8], u64) -> Result<(), DiskError> + 'r>;
-    let read: ReadAt = if qcow2::is_qcow2(rootfs).map_err(rootfs_err)? {
+    type ReadAt<'r> = Box<dyn FnMut(&mut [u8], u64) -> io::Result<()> + 'r>;
+    let mut read: ReadAt = if qcow2::is_qcow2(rootfs).map_err(rootfs_err)? {
         let r = qcow2::Reader::open(rootfs)?;
-        Box::new(move |b, off| r.read_at(b, off).map_err(DiskError::from))
+        Box::new(move |b, off| r.read_at(b, off).map_err(io::Error::other))
     } else {
         let f = File::open(rootfs).map_err(rootfs_err)?;
         Box::new(move |b: &mut [u8], off| {
             b.fill(0);
-            f.read_at(b, off)
-                .map(|_| ())
-                .map_err(|source| DiskError::Rootfs {
-                    path: rootfs.to_path_buf(),
-                    source,
-                })
+            // Past the end reads as zeros, like a disk's unwritten sectors.
+            let mut done = 0;
+            while done < b.len() {
+                match f.read_at(&mut b[done..], off + done as u64)? {
+                    0 => break,
+                    n => done += n,
+                }
+            }
+            Ok(())
         })
     };
-    read(&mut lba1, 512)?;
-    read(&mut lba1_4k, 4096)?;
-    let (hdr, sector) = if &lba1[..8] == b"EFI PART" {
-        (lba1, 512u64)
-    } else if &lba1_4k[..8] == b"EFI PART" {
-        (lba1_4k, 4096u64)
-    } else {
+    let not_bootable = |found: String| DiskError::NotBootable {
+        path: rootfs.to_path_buf(),
+        found,
+    };
+    read(&mut lba1, 512).map_err(rootfs_err)?;
+    read(&mut lba1_4k, 4096).map_err(rootfs_err)?;
+    if &lba1[..8] != b"EFI PART" {
+        if &lba1_4k[..8] == b"EFI PART" {
+            // 4096-byte sectors: the firmware's reader assumes 512, UEFI may cope; the ESP
+            // type is all that is checked.
+            return if check_esp_type_4k(&lba1_4k, &mut *read).map_err(rootfs_err)? {
+                Ok(())
+            } else {
+                Err(not_bootable(
+                    "has a GPT (4096-byte sectors) but no EFI System Partition".into(),
+                ))
+            };
+        }
         let mut sb = [0u8; 2];
-        read(&mut sb, 1024 + 56)?;
-        let found = if sb == [0x53, 0xef] {
-            "is a bare ext2/3/4 filesystem (no partition table)".to_string()
+        read(&mut sb, 1024 + 56).map_err(rootfs_err)?;
+        return Err(not_bootable(if sb == [0x53, 0xef] {
+            "is a bare ext2/3/4 filesystem (no partition table; `chvkit rootfs --bootable` \
+             builds a GPT disk with the kernel on an EFI System Partition)"
+                .to_string()
         } else {
             "has no GPT header (no \"EFI PART\" signature at LBA 1)".to_string()
-        };
-        return Err(DiskError::NotBootable {
-            path: rootfs.to_path_buf(),
-            found,
-        });
-    };
+        }));
+    }
+    match probe(&mut *read) {
+        Ok(p) => {
+            tracing::debug!(
+                esp_lba = p.esp.first_lba,
+                entry = ?p.entry.as_ref().map(|e| &e.file),
+                bootx64 = p.bootx64,
+                "firmware-bootable disk"
+            );
+            Ok(())
+        }
+        Err(ProbeError::Io(source)) => Err(rootfs_err(source)),
+        Err(e) => Err(not_bootable(e.to_string())),
+    }
+}
+
+/// Whether a GPT with 4096-byte sectors (header `hdr`) lists an EFI System Partition.
+fn check_esp_type_4k(
+    hdr: &[u8; 512],
+    read: &mut dyn FnMut(&mut [u8], u64) -> io::Result<()>,
+) -> io::Result<bool> {
     let u32_at = |o: usize| u32::from_le_bytes([hdr[o], hdr[o + 1], hdr[o + 2], hdr[o + 3]]);
     let mut lba = [0u8; 8];
     lba.copy_from_slice(&hdr[72..80]);
     let entries_lba = u64::from_le_bytes(lba);
     let (count, size) = (u32_at(80).min(1024) as usize, u32_at(84) as usize);
     if !(128..=4096).contains(&size) {
-        return Err(DiskError::NotBootable {
-            path: rootfs.to_path_buf(),
-            found: format!("has a GPT header with an invalid partition entry size {size}"),
-        });
+        return Ok(false);
     }
     let mut table = vec![0u8; count * size];
-    read(&mut table, entries_lba * sector)?;
+    read(&mut table, entries_lba * 4096)?;
     // C12A7328-F81F-11D2-BA4B-00A0C93EC93B in GPT's mixed-endian layout.
     const ESP: [u8; 16] = [
         0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9,
         0x3b,
     ];
-    if table.chunks(size).any(|e| e[..16] == ESP) {
-        Ok(())
-    } else {
-        Err(DiskError::NotBootable {
-            path: rootfs.to_path_buf(),
-            found: "has a GPT but no EFI System Partition".into(),
-        })
-    }
+    Ok(table.chunks(size).any(|e| e[..16] == ESP))
 }
 
 /// The environment disk (the rootfs issue's contract, `crate::rootfs::envdisk`): the bytes of
@@ -632,33 +680,88 @@ mod tests {
 
     #[test]
     fn firmware_check() {
+        use crate::rootfs::bootable;
         let d = tempfile::tempdir().unwrap();
         let ext4 = sparse(d.path(), "ext4.raw", 1 << 20, &[(1024 + 56, &[0x53, 0xef])]);
         let e = check_firmware_bootable(&ext4).unwrap_err().to_string();
-        assert!(e.contains("bare ext2/3/4") && e.contains("--kernel"), "{e}");
+        assert!(
+            e.contains("bare ext2/3/4") && e.contains("--kernel") && e.contains("--bootable"),
+            "{e}"
+        );
         let blank = sparse(d.path(), "blank.raw", 1 << 20, &[]);
         assert!(check_firmware_bootable(&blank)
             .unwrap_err()
             .to_string()
             .contains("EFI PART"));
 
-        // A GPT with one ESP entry at LBA 2.
+        // What `rootfs --bootable` writes: a BLS entry and systemd-boot.
+        let k = bootable::tests::fake_bzimage(1 << 20);
+        let entry = format!(
+            "title t\nlinux {}\noptions root=PARTUUID=x\n",
+            bootable::KERNEL_PATH
+        );
+        let conf = bootable::loader_conf();
+        let full = d.path().join("full.raw");
+        bootable::write_disk_with_esp(
+            &full,
+            &[
+                (bootable::KERNEL_PATH, &k[..]),
+                (bootable::LOADER_CONF, conf.as_bytes()),
+                ("/loader/entries/chvkit.conf", entry.as_bytes()),
+            ],
+            1 << 20,
+        )
+        .unwrap();
+        check_firmware_bootable(&full).unwrap();
+        // The same through a qcow2 overlay-style file: converted, then checked.
+        let q = d.path().join("full.qcow2");
+        if crate::host::tools::find_in_path("qemu-img").is_some() {
+            let o = std::process::Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(&full)
+                .arg(&q)
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            check_firmware_bootable(&q).unwrap();
+        }
+        // A distribution cloud image: only \EFI\BOOT\BOOTX64.EFI.
+        let cloud = d.path().join("cloud.raw");
+        bootable::write_disk_with_esp(&cloud, &[(bootable::BOOTX64_PATH, &b"MZ.."[..])], 1 << 20)
+            .unwrap();
+        check_firmware_bootable(&cloud).unwrap();
+        // An entry naming a kernel that is not there, and no fallback.
+        let broken = d.path().join("broken.raw");
+        bootable::write_disk_with_esp(
+            &broken,
+            &[("/loader/entries/x.conf", &b"linux /nope\n"[..])],
+            1 << 20,
+        )
+        .unwrap();
+        let e = check_firmware_bootable(&broken).unwrap_err().to_string();
+        assert!(
+            e.contains("neither a boot entry") && e.contains("/nope"),
+            "{e}"
+        );
+        // An ESP that is not FAT.
+        let nofat = d.path().join("nofat.raw");
+        bootable::write_disk_with_esp(&nofat, &[], 1 << 20).unwrap();
+        let f = OpenOptions::new().write(true).open(&nofat).unwrap();
+        f.write_all_at(&[0u8; 4096], 1 << 20).unwrap();
+        let e = check_firmware_bootable(&nofat).unwrap_err().to_string();
+        assert!(e.contains("not a FAT filesystem"), "{e}");
+
+        // A hand-made GPT header the firmware would reject (first usable LBA 0).
         let mut hdr = [0u8; 92];
         hdr[..8].copy_from_slice(b"EFI PART");
         hdr[72..80].copy_from_slice(&2u64.to_le_bytes());
         hdr[80..84].copy_from_slice(&4u32.to_le_bytes());
         hdr[84..88].copy_from_slice(&128u32.to_le_bytes());
-        let esp: [u8; 16] = [
-            0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
-            0xc9, 0x3b,
-        ];
-        let gpt = sparse(
-            d.path(),
-            "gpt.raw",
-            1 << 20,
-            &[(512, &hdr), (1024 + 128, &esp)],
-        );
-        check_firmware_bootable(&gpt).unwrap();
+        let bad = sparse(d.path(), "bad.raw", 1 << 20, &[(512, &hdr)]);
+        let e = check_firmware_bootable(&bad).unwrap_err().to_string();
+        assert!(e.contains("malformed"), "{e}");
+        // A valid GPT without an ESP.
+        hdr[40..48].copy_from_slice(&34u64.to_le_bytes());
         let no_esp = sparse(d.path(), "noesp.raw", 1 << 20, &[(512, &hdr)]);
         assert!(check_firmware_bootable(&no_esp)
             .unwrap_err()

@@ -22,6 +22,10 @@ pub struct Entry {
     /// Outputs written from this entry (latest few), to recognise one unchanged next time.
     #[serde(default)]
     pub outputs: Vec<OutStamp>,
+    /// `--bootable`: the disk's partitions and boot entry (the key covers the kernel,
+    /// initramfs, command line and EFI loader, so a hit has the same ones).
+    #[serde(default)]
+    pub bootable: Option<super::bootable::Report>,
 }
 
 /// Identity of a file as written: any later write, chmod or replacement changes the ctime or
@@ -89,10 +93,21 @@ impl Cache {
 
     /// Store a copy of `img`; the metadata goes last so a torn store is never a hit.
     pub fn store(&self, img: &Path, e: &Entry) -> io::Result<()> {
+        self.store_with(e, |f, _| copy_sparse(img, f))
+    }
+
+    /// Store an image `fill` writes into the (empty) file it is given, whose path it also
+    /// gets; the metadata goes last so a torn store is never a hit.
+    pub fn store_with(
+        &self,
+        e: &Entry,
+        fill: impl FnOnce(&mut File, &Path) -> io::Result<()>,
+    ) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let (raw, meta) = self.paths(&e.key);
         let mut f = crate::fsutil::AtomicFile::create(&raw, 0o600)?;
-        copy_sparse(img, f.file())?;
+        let tmp = f.tmp_path().to_path_buf();
+        fill(f.file(), &tmp)?;
         f.commit()?;
         let json = serde_json::to_vec_pretty(e).map_err(io::Error::other)?;
         crate::fsutil::write_atomic(&meta, &json, 0o600)?;
@@ -240,6 +255,7 @@ mod tests {
                 size_bytes: 3,
                 init_shell: "/bin/sh".into(),
                 outputs: vec![],
+                bootable: None,
             };
             c.store(&img, &e).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));

@@ -7,6 +7,7 @@
 //! to OUT first, so a read-only or full destination fails before any work, and OUT is never
 //! half-written. Scratch space lives in a temp dir removed on success, failure and Ctrl-C.
 
+pub mod bootable;
 pub mod cache;
 pub mod envdisk;
 pub mod envslot;
@@ -84,6 +85,72 @@ pub struct RootfsArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+
+    // `--bootable` and its options, boxed: inline they would make the command enum's largest
+    // variant (this one) too large for clippy's `large_enum_variant`.
+    #[command(flatten)]
+    pub boot: Box<BootArgs>,
+}
+
+/// `--bootable`: a GPT disk with the kernel on an EFI System Partition.
+#[derive(Debug, Default, clap::Args)]
+pub struct BootArgs {
+    /// Write a GPT disk that firmware boots (rust-hypervisor-firmware, UEFI): an EFI System
+    /// Partition with the kernel and a Boot Loader Specification entry, and this root
+    /// filesystem as the second partition. See docs/rootfs.md, "Boot modes".
+    #[arg(long, requires = "kernel")]
+    pub bootable: bool,
+
+    /// With --bootable: the kernel to put on the ESP (a bzImage, e.g. /boot/vmlinuz-*).
+    #[arg(long, value_name = "FILE", requires = "bootable")]
+    pub kernel: Option<PathBuf>,
+
+    /// With --bootable: the initramfs to put on the ESP (for kernels with virtio as modules).
+    #[arg(long, value_name = "FILE", requires = "bootable")]
+    pub initramfs: Option<PathBuf>,
+
+    /// With --bootable: appended to the entry's options (after
+    /// `root=PARTUUID=… rw console=ttyS0 init=/init`).
+    #[arg(
+        long,
+        value_name = "ARGS",
+        requires = "bootable",
+        allow_hyphen_values = true
+    )]
+    pub cmdline: Option<String>,
+
+    /// With --bootable: the EFI program to install as \EFI\BOOT\BOOTX64.EFI (default:
+    /// systemd-boot from Debian's systemd-boot-efi, when installed).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "bootable",
+        conflicts_with = "no_systemd_boot"
+    )]
+    pub systemd_boot: Option<PathBuf>,
+
+    /// With --bootable: no \EFI\BOOT\BOOTX64.EFI (rust-hypervisor-firmware needs none;
+    /// UEFI firmware does).
+    #[arg(long, requires = "bootable")]
+    pub no_systemd_boot: bool,
+}
+
+impl RootfsArgs {
+    /// The `--bootable` options, if given.
+    pub fn boot_opts(&self) -> Option<bootable::BootOpts> {
+        let b = &self.boot;
+        let kernel = b.kernel.clone().filter(|_| b.bootable)?;
+        Some(bootable::BootOpts {
+            kernel,
+            initramfs: b.initramfs.clone(),
+            cmdline: b.cmdline.clone(),
+            systemd_boot: if b.no_systemd_boot {
+                Some(None)
+            } else {
+                b.systemd_boot.clone().map(Some)
+            },
+        })
+    }
 }
 
 /// `512M`, `2G`, `1048576` (bytes), `64K`; binary units.
@@ -143,6 +210,9 @@ pub struct Summary {
     pub reproducible: bool,
     pub stages: Vec<StageTime>,
     pub total_seconds: f64,
+    /// `--bootable`: the disk's partitions and boot entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootable: Option<bootable::Report>,
 }
 
 /// Per-stage progress: a spinner while it runs, one line with its duration when done.
@@ -408,6 +478,10 @@ fn serve_hit(
         reproducible: a.source_date_epoch.is_some(),
         stages: st.times,
         total_seconds: started.elapsed().as_secs_f64(),
+        bootable: entry.bootable.map(|mut b| {
+            b.placement = "cache".into();
+            b
+        }),
     })
 }
 
@@ -415,6 +489,12 @@ fn serve_hit(
 pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let source = classify(a)?;
+    // --bootable's files are read and checked before any work: a bad kernel, a missing
+    // initramfs or an oversized command line fails here, with no output written.
+    let boot = match a.boot_opts() {
+        Some(o) => Some(bootable::Inputs::load(&o)?),
+        None => None,
+    };
     // Fail on a read-only or missing destination before any work; this temp file becomes OUT.
     let mut out = crate::fsutil::AtomicFile::create(&a.output, 0o644)
         .with_context(|| format!("cannot write the output {}", a.output.display()))?;
@@ -442,6 +522,7 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
             "headroom": format!("{headroom:?}"),
             "epoch": a.source_date_epoch,
             "chvkit": env!("CARGO_PKG_VERSION"),
+            "bootable": boot.as_ref().map(bootable::Inputs::key_json),
         }))
     };
     let cache = cache::Cache::new(
@@ -615,6 +696,18 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
     st.run("verify", "e2fsck -fn", |_| Ok(ext4::verify(&tmp_img)?))?;
     drop(scratch);
 
+    // 5b. --bootable: the ESP and the GPTs, to be put around the ext4 image.
+    let prepared = match &boot {
+        None => None,
+        Some(inputs) => {
+            let ids = bootable::Ids::new(&key, a.source_date_epoch);
+            Some(st.run("disk", "GPT and EFI System Partition", |_| {
+                Ok(bootable::prepare(size, inputs, &ids)?)
+            })?)
+        }
+    };
+    let size = prepared.as_ref().map_or(size, |p| p.layout.total);
+
     // 6. Cache, then rename into place.
     let entry = cache::Entry {
         key: key.clone(),
@@ -622,14 +715,42 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
         size_bytes: size,
         init_shell: init_shell.clone(),
         outputs: vec![],
+        bootable: None,
     };
-    st.run("cache", "store a copy in the rootfs cache", |_| {
-        if let Err(e) = cache.store(&tmp_img, &entry) {
-            // A cache that cannot be written costs speed, not correctness.
-            tracing::warn!("rootfs cache not updated: {e}");
+    let boot_report = match &prepared {
+        None => {
+            st.run("cache", "store a copy in the rootfs cache", |_| {
+                if let Err(e) = cache.store(&tmp_img, &entry) {
+                    // A cache that cannot be written costs speed, not correctness.
+                    tracing::warn!("rootfs cache not updated: {e}");
+                }
+                Ok(())
+            })?;
+            None
         }
-        Ok(())
-    })?;
+        Some(p) => {
+            // The cache's copy is made from the ext4 image while its pages are still cached
+            // (moving it into its partition drops them), then turned into the disk the same
+            // way as OUT: both end with the same bytes.
+            let mut entry = entry.clone();
+            entry.bootable = Some(p.report());
+            st.run("cache", "store a copy in the rootfs cache", |_| {
+                let r = cache.store_with(&entry, |f, path| {
+                    cache::copy_sparse(&tmp_img, f)?;
+                    p.apply(path).map(drop).map_err(std::io::Error::other)
+                });
+                if let Err(e) = r {
+                    tracing::warn!("rootfs cache not updated: {e}");
+                }
+                Ok(())
+            })?;
+            Some(
+                st.run("place", "move the root filesystem into partition 2", |_| {
+                    Ok(p.apply(&tmp_img)?)
+                })?,
+            )
+        }
+    };
     proc::check().context("stopped")?;
     out.commit()
         .with_context(|| format!("cannot write the output {}", a.output.display()))?;
@@ -644,6 +765,7 @@ pub fn build(ctx: &Context, a: &RootfsArgs) -> anyhow::Result<Summary> {
         reproducible: a.source_date_epoch.is_some(),
         stages: st.times,
         total_seconds: started.elapsed().as_secs_f64(),
+        bootable: boot_report,
     })
 }
 

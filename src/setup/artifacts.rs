@@ -2,8 +2,9 @@
 //!
 //! A download streams into a temp file beside its destination while the sha256 is computed
 //! over the same bytes (no second read); the file is checked against the pin (or the lock-file
-//! hash), fsynced, given mode 0755 and renamed into place. Anything short of a verified, complete
-//! file leaves the installed one as it was.
+//! hash), fsynced, given its mode ([`PROGRAM_MODE`], or [`FIRMWARE_MODE`] for the firmware) and
+//! renamed into place. Anything short of a verified, complete file leaves the installed one as
+//! it was.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,6 +16,21 @@ use sha2::{Digest, Sha256};
 
 use crate::fsutil::AtomicFile;
 use crate::profile::HttpUrl;
+
+/// Mode of the installed firmware: the one constant doctor's fix commands name too (it lives
+/// in `doctor::artifacts`, the module both can reach).
+pub use crate::doctor::artifacts::FIRMWARE_MODE;
+/// Mode of installed programs (cloud-hypervisor).
+pub const PROGRAM_MODE: u32 = 0o755;
+
+/// The mode an artifact is installed with, by its lock-file key.
+pub fn mode_for(key: &str) -> u32 {
+    if key == crate::lockfile::FIRMWARE {
+        FIRMWARE_MODE
+    } else {
+        PROGRAM_MODE
+    }
+}
 
 /// Attempts per artifact, and the first back-off (doubled each time).
 const ATTEMPTS: u32 = 4;
@@ -232,7 +248,7 @@ impl Fetcher {
                 std::thread::sleep(wait);
             }
             attempts += 1;
-            let mut tmp = AtomicFile::create(&spec.dest, 0o755)
+            let mut tmp = AtomicFile::create(&spec.dest, mode_for(spec.key))
                 .map_err(|e| io("cannot create a temp file beside", &spec.dest, e))?;
             let result = match loc {
                 Location::Http(url) => rt.block_on(self.fetch_http(spec, url, &mut tmp)),
@@ -641,7 +657,10 @@ mod tests {
         assert_eq!(one.sha256, sha256_file(&s.dest).unwrap().unwrap());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&s.dest).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o755);
+        // The firmware is data: installed with the mode doctor's fix names.
+        assert_eq!(mode & 0o777, FIRMWARE_MODE);
+        assert_eq!(FIRMWARE_MODE, 0o755);
+        assert_eq!(mode_for(crate::lockfile::CLOUD_HYPERVISOR), 0o755);
 
         std::fs::write(src.join("hypervisor-fw"), b"firmware-two").unwrap();
         let e = f
