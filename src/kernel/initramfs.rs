@@ -31,6 +31,9 @@ const APPLETS: &[&str] = &[
     "mkdir",
     "switch_root",
     "poweroff",
+    // root=PARTUUID= (a `rootfs --bootable` disk's boot entry): reading the GPT.
+    "od",
+    "tr",
 ];
 
 /// An installed distribution kernel: `/boot/vmlinuz-<version>` with `/lib/modules/<version>`.
@@ -261,7 +264,8 @@ fn init_script(version: &str, modules: &[&str]) -> String {
 
 const INIT_TEMPLATE: &str = r#"#!/bin/sh
 # chvkit initramfs for kernel @VERSION@: load the virtio and ext4 modules, mount the root
-# disk, switch_root to its init. Every failure powers off: a reboot loops under Cloud Hypervisor.
+# disk (root=/dev/X, or root=PARTUUID=<guid> as a `chvkit rootfs --bootable` entry says),
+# switch_root to its init. Every failure powers off: a reboot loops under Cloud Hypervisor.
 # Not exported: the job's init must not inherit this PATH.
 PATH=/bin
 fail() {
@@ -284,28 +288,54 @@ wait=@ROOT_WAIT@
 read -r cmdline </proc/cmdline || cmdline=
 for w in $cmdline; do
 	case "$w" in
-	root=/dev/*) root=${w#root=} ;;
+	root=/dev/* | root=PARTUUID=*) root=${w#root=} ;;
 	init=/*) init=${w#init=} ;;
 	chvkit.rootwait=*) wait=${w#chvkit.rootwait=} ;;
 	esac
 done
 case "$wait" in '' | *[!0-9]*) wait=@ROOT_WAIT@ ;; esac
+# The partition of a virtio disk whose GPT unique GUID is $1: one `od` of the entry array
+# (LBA 2 of 512-byte sectors, 128 entries of 128 bytes; 16 bytes a line, the GUID on line 2 of
+# each entry's 8, its first three fields little-endian).
+partuuid() {
+	want=$(echo "$1" | tr 'A-F' 'a-f')
+	for d in /dev/vd[a-z]; do
+		[ -b "$d" ] || continue
+		od -A n -t x1 -v -j 1024 -N 16384 "$d" >/gpt.hex 2>/dev/null || continue
+		line=0
+		while read -r b1 b2 b3 b4 b5 b6 b7 b8 b9 b10 b11 b12 b13 b14 b15 b16; do
+			if [ $((line % 8)) -eq 1 ] &&
+				[ "$b4$b3$b2$b1-$b6$b5-$b8$b7-$b9$b10-$b11$b12$b13$b14$b15$b16" = "$want" ]; then
+				echo "$d$((line / 8 + 1))"
+				return 0
+			fi
+			line=$((line + 1))
+		done </gpt.hex
+	done
+	return 1
+}
 i=0
-while [ ! -b "$root" ]; do
+while :; do
+	case "$root" in
+	PARTUUID=*) dev=$(partuuid "${root#PARTUUID=}") ;;
+	*) dev=$root ;;
+	esac
+	[ -n "$dev" ] && [ -b "$dev" ] && break
 	[ "$i" -ge $((wait * 10)) ] && fail "root disk $root did not appear within $wait s"
 	sleep 0.1
 	i=$((i + 1))
 done
+[ "$dev" = "$root" ] || echo "chvkit-initramfs: root $root is $dev"
 mkdir -p /newroot
-mount -t ext4 -o rw "$root" /newroot || fail "cannot mount $root (ext4) on /newroot"
+mount -t ext4 -o rw "$dev" /newroot || fail "cannot mount $dev (ext4) on /newroot"
 if [ -z "$init" ]; then
 	init=/init
 	if [ ! -e /newroot/init ] && [ ! -L /newroot/init ]; then
-		echo "chvkit-initramfs: $root has no /init: starting /sbin/init"
+		echo "chvkit-initramfs: $dev has no /init: starting /sbin/init"
 		init=/sbin/init
 	fi
 fi
-[ -e "/newroot$init" ] || [ -L "/newroot$init" ] || fail "$root has no $init to start"
+[ -e "/newroot$init" ] || [ -L "/newroot$init" ] || fail "$dev has no $init to start"
 # The job's init finds /dev populated; /proc and /sys it mounts itself.
 mount --move /dev /newroot/dev 2>/dev/null || umount /dev
 umount /proc /sys
