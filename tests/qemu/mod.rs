@@ -251,6 +251,12 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
             .arg("-device")
             .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
     }
+    spawn_and_wait(c, &log, o.timeout)
+}
+
+/// Start QEMU (`c`, serial to `log`) and wait for it to exit, or kill it at `timeout`; the
+/// serial log, with QEMU's own error appended when it failed. Shared with `ovmf.rs`.
+pub fn spawn_and_wait(mut c: Command, log: &Path, timeout: Duration) -> Result<QemuRun, String> {
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -261,7 +267,7 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
         if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
             break Some(s);
         }
-        if start.elapsed() > o.timeout {
+        if start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             timed_out = true;
@@ -270,7 +276,7 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let elapsed = start.elapsed();
-    let mut serial = fs::read_to_string(&log).unwrap_or_default();
+    let mut serial = String::from_utf8_lossy(&fs::read(log).unwrap_or_default()).into_owned();
     if let Some(s) = &status {
         if !s.success() {
             let mut err = String::new();

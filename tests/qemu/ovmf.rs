@@ -11,10 +11,9 @@
 //! `#[path = "qemu/ovmf.rs"] mod ovmf;`.
 #![allow(dead_code)]
 
-use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::qemu::{Kernel, QemuRun, BOOT_BANNER};
 
@@ -74,43 +73,8 @@ pub fn run_uefi(disk: &Path, timeout: Duration) -> Result<QemuRun, String> {
         "file={},format=raw,if=none,id=d0,cache=unsafe,snapshot=on",
         disk.display()
     ))
-    .args(["-device", "virtio-blk-pci,drive=d0,bootindex=0"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = c.spawn().map_err(|e| format!("qemu: {e}"))?;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-            break Some(s);
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            timed_out = true;
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let elapsed = start.elapsed();
-    let mut serial = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
-    if let Some(s) = &status {
-        if !s.success() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                let _ = e.read_to_string(&mut err);
-            }
-            serial.push_str(&format!("\n[qemu exited {s}: {err}]\n"));
-        }
-    }
-    Ok(QemuRun {
-        serial,
-        status,
-        elapsed,
-        timed_out,
-    })
+    .args(["-device", "virtio-blk-pci,drive=d0,bootindex=0"]);
+    crate::qemu::spawn_and_wait(c, &log, timeout)
 }
 
 /// Lines of the serial log that show how far the boot got (for failure messages).
