@@ -4,12 +4,14 @@
 //! switch_root into a tiny ext4 root.
 
 mod common;
+#[path = "qemu/mod.rs"]
+mod qemu;
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chvkit::host::files::{sha256_file, sniff_kernel, KernelImage};
@@ -199,23 +201,13 @@ fn qemu_boot(
 ) -> (String, bool) {
     let log = dir.join("serial.log");
     let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-machine",
-        "q35,accel=tcg",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args([
-        "-display", "none", "-monitor", "none", "-smp", "1", "-m", "512",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(format!("console=ttyS0 root=/dev/vda rw quiet {append}"));
+    qemu::tcg_args(&mut c, 512, &log)
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 root=/dev/vda rw quiet {append}"));
     if let Some(disk) = disk {
         c.arg("-drive")
             .arg(format!(
@@ -224,25 +216,10 @@ fn qemu_boot(
             ))
             .args(["-device", "virtio-blk-pci,drive=d0"]);
     }
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    let start = Instant::now();
-    let ended = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.success();
-        }
-        if start.elapsed() > Duration::from_secs(180) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (fs::read_to_string(&log).unwrap_or_default(), ended)
+    let r =
+        qemu::spawn_and_wait(c, &log, Duration::from_secs(180)).expect("start qemu-system-x86_64");
+    let ended = r.powered_off();
+    (r.serial, ended)
 }
 
 /// The cloud kernel unpacked to `dir/vmlinux` and its initramfs to `dir/initrd.img`, or the

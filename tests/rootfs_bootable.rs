@@ -56,15 +56,7 @@ impl Env {
         ctx
     }
     fn rootfs(&self, args: &[&str], envs: &[(&str, &str)]) -> Output {
-        let mut c = Command::new(common::chvkit());
-        c.arg("--root").arg(self.p("hostroot")).arg("rootfs");
-        c.args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("SOURCE_DATE_EPOCH");
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        c.output().unwrap()
+        common::chvkit_rootfs(&self.p("hostroot"), args, envs)
     }
     /// `rootfs --bootable` of the context into `out`; returns the JSON summary.
     fn bootable(&self, out: &Path, extra: &[&str], envs: &[(&str, &str)]) -> serde_json::Value {

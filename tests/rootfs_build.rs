@@ -38,15 +38,7 @@ impl Env {
         ctx
     }
     fn chvkit(&self, args: &[&str], envs: &[(&str, &str)]) -> Output {
-        let mut c = Command::new(common::chvkit());
-        c.arg("--root").arg(self.p("hostroot")).arg("rootfs");
-        c.args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("SOURCE_DATE_EPOCH");
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        c.output().unwrap()
+        common::chvkit_rootfs(&self.p("hostroot"), args, envs)
     }
 }
 

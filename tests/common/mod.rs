@@ -14,6 +14,20 @@ pub fn chvkit() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chvkit"))
 }
 
+/// `chvkit --root HOSTROOT rootfs ARGS` with `envs`, uncoloured, and without the caller's
+/// `SOURCE_DATE_EPOCH` unless `envs` sets it.
+pub fn chvkit_rootfs(hostroot: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(chvkit());
+    c.arg("--root").arg(hostroot).arg("rootfs");
+    c.args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("SOURCE_DATE_EPOCH");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
 // One source for visible skips, shared with the library's unit tests.
 #[path = "../../src/testutil.rs"]
 pub mod testutil;

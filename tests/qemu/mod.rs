@@ -211,22 +211,13 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
         }
         None => Command::new("qemu-system-x86_64"),
     };
-    c.args([
-        "-machine",
-        "q35,accel=tcg",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-monitor", "none", "-smp", "1"])
-    .args(["-m", &o.memory_mib.to_string()])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-kernel")
-    .arg(&k.vmlinuz)
-    .arg("-initrd")
-    .arg(&initrd)
-    .arg("-append")
-    .arg(format!("console=ttyS0 root=/dev/vda rw quiet {}", o.append));
+    tcg_args(&mut c, o.memory_mib, &log)
+        .arg("-kernel")
+        .arg(&k.vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 root=/dev/vda rw quiet {}", o.append));
     if o.no_reboot {
         c.arg("-no-reboot");
     }
@@ -252,6 +243,21 @@ pub fn run(o: &QemuOpts) -> Result<QemuRun, String> {
             .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"));
     }
     spawn_and_wait(c, &log, o.timeout)
+}
+
+/// The arguments every harness boot shares: q35 under TCG, no default devices, no display, one
+/// vCPU, `memory_mib` of memory, the serial console into `log`.
+pub fn tcg_args<'c>(c: &'c mut Command, memory_mib: u32, log: &Path) -> &'c mut Command {
+    c.args([
+        "-machine",
+        "q35,accel=tcg",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-display", "none", "-monitor", "none", "-smp", "1"])
+    .args(["-m", &memory_mib.to_string()])
+    .arg("-serial")
+    .arg(format!("file:{}", log.display()))
 }
 
 /// Start QEMU (`c`, serial to `log`) and wait for it to exit, or kill it at `timeout`; the

@@ -55,25 +55,15 @@ pub fn run_uefi(disk: &Path, timeout: Duration) -> Result<QemuRun, String> {
     let logdir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let log = logdir.path().join("serial.log");
     let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-machine",
-        "q35,accel=tcg",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args([
-        "-display", "none", "-monitor", "none", "-smp", "1", "-m", "512",
-    ])
-    .arg("-bios")
-    .arg(&fw)
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-drive")
-    .arg(format!(
-        "file={},format=raw,if=none,id=d0,cache=unsafe,snapshot=on",
-        disk.display()
-    ))
-    .args(["-device", "virtio-blk-pci,drive=d0,bootindex=0"]);
+    crate::qemu::tcg_args(&mut c, 512, &log)
+        .arg("-bios")
+        .arg(&fw)
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=d0,cache=unsafe,snapshot=on",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=0"]);
     crate::qemu::spawn_and_wait(c, &log, timeout)
 }
 

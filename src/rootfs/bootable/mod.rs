@@ -46,6 +46,17 @@ pub use ids::{Guid, Ids};
 pub use place::{shift_up, Placement};
 pub use probe::{probe, BootEntry, EspProbe, ProbeError};
 
+/// Where a seek lands in a byte region of `len` bytes at `pos`: the `Seek` of both in-memory
+/// devices the crates work on (the GPT tables written, the ESP read back). Out of range
+/// clamps to 0, as a failed seek would leave nothing sensible to read.
+fn seek_to(pos: u64, len: u64, to: io::SeekFrom) -> u64 {
+    match to {
+        io::SeekFrom::Start(p) => p,
+        io::SeekFrom::End(d) => len.checked_add_signed(d).unwrap_or(0),
+        io::SeekFrom::Current(d) => pos.checked_add_signed(d).unwrap_or(0),
+    }
+}
+
 /// Sector size of the disks chvkit writes (and the only one rust-hypervisor-firmware reads).
 pub const SECTOR: u64 = 512;
 /// Partition alignment: 1 MiB, what every partitioning tool uses.

@@ -78,11 +78,7 @@ impl Write for PartDev<'_> {
 
 impl Seek for PartDev<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        self.pos = match to {
-            SeekFrom::Start(p) => p,
-            SeekFrom::End(d) => self.len.checked_add_signed(d).unwrap_or(0),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d).unwrap_or(0),
-        };
+        self.pos = super::seek_to(self.pos, self.len, to);
         Ok(self.pos)
     }
 }
