@@ -219,28 +219,15 @@ fn compare(label: &str, tree: &Path, dir: &Path, runs: usize) {
     }
 }
 
-/// A kernel for `--bootable` figures: Debian's cloud kernel (or any /boot/vmlinuz-*), with its
-/// initramfs when /boot has one.
+/// A kernel for `--bootable` figures: the newest installed distribution kernel (Debian's cloud
+/// kernel here), found as `chvkit kernel --source distro` finds it, with its initramfs when
+/// /boot has one.
 fn boot_files() -> Option<(PathBuf, Option<PathBuf>)> {
-    let mut ks: Vec<PathBuf> = fs::read_dir("/boot")
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .collect();
-    ks.sort();
-    let k = ks.pop()?;
-    let v = k
-        .file_name()?
-        .to_str()?
-        .strip_prefix("vmlinuz-")?
-        .to_string();
-    let i = Path::new("/boot").join(format!("initrd.img-{v}"));
-    Some((k, i.is_file().then_some(i)))
+    let k = chvkit::kernel::initramfs::find_distro_kernels(Path::new("/"))
+        .into_iter()
+        .next()?;
+    let i = Path::new("/boot").join(format!("initrd.img-{}", k.version));
+    Some((k.vmlinuz, i.is_file().then_some(i)))
 }
 
 /// `--bootable` against the plain image, on the same tree: the pack step alone (ext4::pack, then
